@@ -1,0 +1,548 @@
+"""MemoryStore: one commit boundary over the SQL database and the FAISS index.
+
+SQL is the source of truth. Every write runs in one SQL transaction that also bumps a
+store generation; the FAISS index is updated in memory after the commit and saved
+(atomically, stamped with the generation) at checkpoints. On open, and before every
+search or write, an index whose generation differs from SQL's is reconciled from SQL:
+missing vectors are added back from the copies kept in SQL, stale ones removed.
+"""
+from __future__ import annotations
+
+import fcntl
+import fnmatch
+import hashlib
+import re
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+from sqlalchemy import Connection, delete, func, insert, select, update
+
+from memstore import db
+from memstore.errors import (
+    EmbedderMismatchError, IndexCorruptError, MemstoreError, NotAStoreError, StoreLockedError,
+    UnknownFilterError,
+)
+from memstore.index import EXACT, IndexConfig, VectorIndex
+from memstore.schema import Chunk, Document, IngestRun, Setting, utcnow
+
+DB_FILE = "memstore.db"
+INDEX_FILE = "vectors.faiss"
+EXACT_FILTER_LIMIT = 20_000  # filtered searches over at most this many chunks are scored exactly
+COMPACT_FRACTION = 0.25  # rebuild an HNSW index when this share of it is tombstones
+BATCH = 10_000
+
+
+@dataclass
+class ChunkIn:
+    """A chunk to add: its place in the document text and its text."""
+
+    ordinal: int
+    char_start: int
+    char_end: int
+    text: str
+    token_count: int
+    heading_path: str = ""
+
+
+@dataclass
+class DocumentIn:
+    source: str
+    content_hash: str
+    size: int
+    mtime: float
+    char_count: int
+    title: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Hit:
+    chunk_id: int
+    document_id: int
+    source: str
+    title: str | None
+    ordinal: int
+    char_start: int
+    char_end: int
+    heading_path: str
+    text: str
+    score: float
+    meta: dict
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Changes:
+    """What one write transaction did to the vectors, applied to FAISS after commit."""
+
+    added_ids: list[np.ndarray] = field(default_factory=list)
+    added_vectors: list[np.ndarray] = field(default_factory=list)
+    removed_ids: list[np.ndarray] = field(default_factory=list)
+
+
+def resolve_target(target: str | Path, data_dir: str | Path | None) -> tuple[str, Path]:
+    """Map a store path or database URL to (SQLAlchemy URL, directory for FAISS/KV files)."""
+    target = str(target)
+    if db.is_url(target):
+        if data_dir is None:
+            slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", re.sub(r"//[^@/]*@", "//", target)).strip("_")
+            digest = hashlib.sha1(target.encode()).hexdigest()[:8]
+            data_dir = Path.home() / ".local" / "share" / "memstore" / f"{slug[-60:]}-{digest}"
+        return target, Path(data_dir)
+    path = Path(target).expanduser()
+    return f"sqlite:///{path.resolve() / DB_FILE}", path
+
+
+class MemoryStore:
+    """A store: documents and chunks in SQL, their vectors in FAISS (and in SQL as backup)."""
+
+    def __init__(self, target: str | Path, *, data_dir: str | Path | None = None,
+                 create: bool = True, index_config: IndexConfig | None = None,
+                 on_corrupt_index: str = "raise"):
+        self._tmpdir = None
+        if str(target) == ":memory:":
+            self._tmpdir = tempfile.mkdtemp(prefix="memstore-")
+            target = self._tmpdir
+        self.url, self.dir = resolve_target(target, data_dir)
+        self._check_exists(target, create)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.index_path = self.dir / INDEX_FILE
+        self.engine = db.make_engine(self.url)
+        self.revision = db.upgrade(self.engine)
+        self.index_config = index_config or IndexConfig()
+        self.checkpoint_seconds = 0.0  # save the index after every write unless raised
+        self._last_save = time.monotonic()
+        self._dirty = False  # the in-memory index differs from the file
+        self._lock_file = open(self.dir / "write.lock", "a+")
+        self.index: VectorIndex | None = None
+        self.index_error: IndexCorruptError | None = None
+        self.generation = -1
+        try:
+            self._open_index()
+        except IndexCorruptError as e:
+            if on_corrupt_index == "raise":
+                self.close()
+                raise
+            self.index_error = e
+
+    # ---- opening -------------------------------------------------------------------------
+
+    def _check_exists(self, target, create: bool) -> None:
+        if db.is_url(self.url) and not self.url.startswith("sqlite"):
+            return
+        path = Path(str(target)).expanduser()
+        if path.exists() and not path.is_dir():
+            raise NotAStoreError(f"{path} is a file, not a memstore store (a store is a directory holding {DB_FILE})")
+        if not (path / DB_FILE).exists():
+            if not create:
+                raise NotAStoreError(f"{path} is not a memstore store (no {DB_FILE}); create one with `memstore ingest PATH --store {path}`")
+            if path.is_dir() and any(path.iterdir()):
+                raise NotAStoreError(f"{path} is a non-empty directory without {DB_FILE}; choose an empty or new directory for the store")
+
+    def _open_index(self) -> None:
+        with self.engine.connect() as conn:
+            sql_generation = self._generation(conn)
+        dim = self.embedder_dim
+        if self.index_path.exists():
+            self.index, self.generation = VectorIndex.load(self.index_path)
+            self.index.config = self.index_config
+        elif dim is not None:
+            self.index, self.generation = VectorIndex(dim, config=self.index_config), -1
+        if self.index is not None and self.generation != sql_generation:
+            self._reconcile()
+            self.save_index()
+
+    # ---- settings ------------------------------------------------------------------------
+
+    def get_setting(self, key: str, default: Any = None) -> Any:
+        with self.engine.connect() as conn:
+            return self._get_setting(conn, key, default)
+
+    @staticmethod
+    def _get_setting(conn: Connection, key: str, default: Any = None) -> Any:
+        value = conn.execute(select(Setting.value).where(Setting.key == key)).scalar_one_or_none()
+        return default if value is None else value
+
+    @staticmethod
+    def _set_setting(conn: Connection, key: str, value: Any) -> None:
+        if conn.execute(select(Setting.key).where(Setting.key == key)).first():
+            conn.execute(update(Setting).where(Setting.key == key).values(value=value))
+        else:
+            conn.execute(insert(Setting).values(key=key, value=value))
+
+    def set_setting(self, key: str, value: Any) -> None:
+        with self._write():
+            self._set_setting(self._conn, key, value)
+
+    def _generation(self, conn: Connection) -> int:
+        return int(self._get_setting(conn, "generation", 0))
+
+    @property
+    def embedder(self) -> dict | None:
+        return self.get_setting("embedder")
+
+    @property
+    def embedder_dim(self) -> int | None:
+        emb = self.embedder
+        return None if emb is None else int(emb["dim"])
+
+    def require_embedder(self, name: str, dim: int) -> None:
+        """Record the embedder on first use; refuse a different one afterwards."""
+        current = self.embedder
+        if current is None:
+            self.set_setting("embedder", {"name": name, "dim": dim})
+            self.index = VectorIndex(dim, kind=self.index_config.kind_for(0), config=self.index_config)
+            return
+        if current["name"] != name or int(current["dim"]) != dim:
+            raise EmbedderMismatchError(
+                f"store was built with embedder {current['name']} ({current['dim']}-d), not {name} ({dim}-d); "
+                f"use --embedder {current['name']} or a new store"
+            )
+
+    # ---- writing -------------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[_Changes]:
+        """One SQL transaction under the store's write lock; FAISS follows after commit."""
+        if self.index_error is not None:
+            raise self.index_error
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX)  # wait for the other writer
+        try:
+            self._sync()
+            changes = _Changes()
+            with self.engine.begin() as conn:
+                self._conn = conn
+                try:
+                    yield changes
+                finally:
+                    self._conn = None
+                generation = self._generation(conn) + 1
+                self._set_setting(conn, "generation", generation)
+            self._apply(changes)
+            self.generation = generation
+            self._dirty = True
+            if time.monotonic() - self._last_save >= self.checkpoint_seconds:
+                self.save_index()
+        finally:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+
+    def _apply(self, changes: _Changes) -> None:
+        if self.index is None:
+            return
+        if changes.removed_ids:
+            self.index.remove(np.concatenate(changes.removed_ids))
+        if changes.added_ids:
+            self.index.add(np.concatenate(changes.added_ids), np.vstack(changes.added_vectors))
+        wanted = self.index_config.kind_for(self.index.size)
+        many_tombstones = len(self.index.tombstones) > COMPACT_FRACTION * max(1, self.index.faiss.ntotal)
+        if wanted != self.index.kind or many_tombstones:
+            self.rebuild_index()
+
+    def add_document(self, doc: DocumentIn, chunks: list[ChunkIn], vectors: np.ndarray) -> int:
+        """Insert a document with its chunks and vectors, replacing any document with the same source."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if len(chunks) != len(vectors):
+            raise ValueError(f"{len(chunks)} chunks but {len(vectors)} vectors")
+        if self.embedder_dim is None:
+            raise MemstoreError("the store has no embedder yet; call require_embedder(name, dim) first")
+        if len(vectors) and vectors.shape[1] != self.embedder_dim:
+            raise EmbedderMismatchError(f"vectors are {vectors.shape[1]}-d but the store holds {self.embedder_dim}-d vectors")
+        with self._write() as changes:
+            return self._insert_document(self._conn, changes, doc, chunks, vectors)
+
+    def _insert_document(self, conn, changes: _Changes, doc: DocumentIn, chunks, vectors) -> int:
+        self._delete_where(conn, changes, Document.source == doc.source)
+        doc_id = conn.execute(insert(Document).values(
+            source=doc.source, content_hash=doc.content_hash, size=doc.size, mtime=doc.mtime,
+            title=doc.title, char_count=doc.char_count, meta=doc.meta or {},
+            created_at=utcnow(), updated_at=utcnow(),
+        ).returning(Document.id)).scalar_one()
+        if chunks:
+            rows = [
+                dict(document_id=doc_id, ordinal=c.ordinal, char_start=c.char_start, char_end=c.char_end,
+                     token_count=c.token_count, text=c.text, heading_path=c.heading_path, vector=v.tobytes())
+                for c, v in zip(chunks, vectors)
+            ]
+            ids = conn.execute(insert(Chunk).returning(Chunk.id, sort_by_parameter_order=True), rows).scalars().all()
+            changes.added_ids.append(np.asarray(ids, dtype=np.int64))
+            changes.added_vectors.append(vectors)
+        return doc_id
+
+    def delete_document(self, source_or_id: str | int) -> bool:
+        """Delete a document, its chunks and their vectors. Returns whether it existed."""
+        cond = Document.id == source_or_id if isinstance(source_or_id, int) else Document.source == str(source_or_id)
+        with self._write() as changes:
+            return self._delete_where(self._conn, changes, cond) > 0
+
+    def _delete_where(self, conn, changes: _Changes, cond) -> int:
+        doc_ids = conn.execute(select(Document.id).where(cond)).scalars().all()
+        if not doc_ids:
+            return 0
+        chunk_ids = conn.execute(select(Chunk.id).where(Chunk.document_id.in_(doc_ids))).scalars().all()
+        changes.removed_ids.append(np.asarray(chunk_ids, dtype=np.int64))
+        conn.execute(delete(Chunk).where(Chunk.document_id.in_(doc_ids)))
+        conn.execute(delete(Document).where(Document.id.in_(doc_ids)))
+        return len(doc_ids)
+
+    def touch_document(self, source: str, size: int, mtime: float) -> None:
+        """Record a new size/mtime for a document whose content did not change."""
+        with self.engine.begin() as conn:
+            conn.execute(update(Document).where(Document.source == source).values(size=size, mtime=mtime))
+
+    # ---- the index ------------------------------------------------------------------------
+
+    def _sync(self) -> None:
+        """Catch up with writes committed by other processes (or lost by a crash)."""
+        if self.index is None:
+            if self.embedder_dim is None:
+                return
+            self.index = VectorIndex(self.embedder_dim, config=self.index_config)
+        with self.engine.connect() as conn:
+            sql_generation = self._generation(conn)
+        if sql_generation != self.generation:
+            self._reconcile()
+
+    def _reconcile(self) -> dict:
+        """Make the in-memory index hold exactly SQL's chunk ids; returns what it changed."""
+        with self.engine.connect() as conn:
+            generation = self._generation(conn)
+            sql_ids = np.fromiter(conn.execute(select(Chunk.id)).scalars(), np.int64)
+            index_ids = self.index.ids()
+            missing = np.setdiff1d(sql_ids, index_ids)
+            extra = np.setdiff1d(index_ids, sql_ids)
+            self.index.remove(extra)
+            for ids, vectors in self._vectors_for(conn, missing):
+                self.index.add(ids, vectors)
+        self.generation = generation
+        self._dirty = True
+        return {"added": int(len(missing)), "removed": int(len(extra))}
+
+    def _vectors_for(self, conn, ids: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for start in range(0, len(ids), BATCH):
+            batch = ids[start:start + BATCH].tolist()
+            rows = conn.execute(select(Chunk.id, Chunk.vector).where(Chunk.id.in_(batch))).all()
+            yield self._unpack(rows)
+
+    def _unpack(self, rows) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray([r[0] for r in rows], dtype=np.int64)
+        vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
+        return ids, vectors
+
+    def rebuild_index(self) -> int:
+        """Build a fresh index from the vectors kept in SQL; the kind is chosen by size."""
+        dim = self.embedder_dim
+        if dim is None:
+            return 0
+        with self.engine.connect() as conn:
+            n = conn.execute(select(func.count(Chunk.id))).scalar_one()
+            index = VectorIndex(dim, kind=self.index_config.kind_for(n), config=self.index_config)
+            result = conn.execution_options(stream_results=True, yield_per=BATCH).execute(
+                select(Chunk.id, Chunk.vector).order_by(Chunk.id))
+            for rows in result.partitions(BATCH):
+                index.add(*self._unpack(rows))
+            self.generation = self._generation(conn)
+        self.index, self.index_error = index, None
+        return n
+
+    def save_index(self) -> None:
+        if self.index is not None:
+            self.index.save(self.index_path, self.generation)
+            self._last_save = time.monotonic()
+            self._dirty = False
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def search(self, vector: np.ndarray, k: int = 10, filters: dict | None = None) -> list[Hit]:
+        """Top-k chunks by inner product with `vector`, optionally restricted by `filters`."""
+        if k < 1:
+            raise ValueError("k must be at least 1")
+        if self.index_error is not None:
+            raise self.index_error
+        self._sync()
+        if self.index is None or self.index.size == 0:
+            return []
+        vector = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        if vector.shape[1] != self.index.dim:
+            raise EmbedderMismatchError(f"query vector is {vector.shape[1]}-d but the store holds {self.index.dim}-d vectors")
+        allowed = self.chunk_ids_matching(filters) if filters else None
+        if allowed is not None and len(allowed) == 0:
+            return []
+        if allowed is not None and self.index.kind != EXACT and len(allowed) <= EXACT_FILTER_LIMIT:
+            scored = self._exact_scores(vector[0], allowed, k)
+        else:
+            scores, ids = self.index.search(vector, k, allowed)
+            scored = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+        return self._hits(scored)
+
+    def _exact_scores(self, vector: np.ndarray, allowed: np.ndarray, k: int) -> list[tuple[int, float]]:
+        ids, scores = [], []
+        with self.engine.connect() as conn:
+            for batch_ids, vectors in self._vectors_for(conn, allowed):
+                ids.append(batch_ids)
+                scores.append(vectors @ vector)
+        ids, scores = np.concatenate(ids), np.concatenate(scores)
+        top = np.argsort(-scores)[:k]
+        return [(int(ids[i]), float(scores[i])) for i in top]
+
+    def chunk_ids_matching(self, filters: dict) -> np.ndarray:
+        """Chunk ids of documents that match every filter.
+
+        Fields: `path` (glob on the document source), `document_id` (an id or a list),
+        `meta.KEY` (equality on the document's user metadata).
+        """
+        doc_ids = self.document_ids_matching(filters)
+        with self.engine.connect() as conn:
+            out = [conn.execute(select(Chunk.id).where(Chunk.document_id.in_(doc_ids[s:s + BATCH]))).scalars().all()
+                   for s in range(0, len(doc_ids), BATCH)]
+        return np.asarray([i for part in out for i in part], dtype=np.int64)
+
+    def document_ids_matching(self, filters: dict) -> list[int]:
+        predicates = [_filter_predicate(key, value) for key, value in filters.items()]
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(Document.id, Document.source, Document.meta)).all()
+        return [r.id for r in rows if all(p(r) for p in predicates)]
+
+    def _hits(self, scored: list[tuple[int, float]]) -> list[Hit]:
+        if not scored:
+            return []
+        records = {c["chunk_id"]: c for c in self.get_chunks([i for i, _ in scored])}
+        return [Hit(score=s, **records[i]) for i, s in scored if i in records]
+
+    def get_chunks(self, ids: Iterable[int]) -> list[dict]:
+        """Chunk records (with their document's source, title and metadata) in the order asked."""
+        ids = [int(i) for i in ids]
+        cols = (Chunk.id.label("chunk_id"), Chunk.document_id, Document.source, Document.title,
+                Chunk.ordinal, Chunk.char_start, Chunk.char_end, Chunk.heading_path, Chunk.text, Document.meta)
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(*cols).join(Document).where(Chunk.id.in_(ids))).mappings().all()
+        by_id = {r["chunk_id"]: dict(r) for r in rows}
+        return [by_id[i] for i in ids if i in by_id]
+
+    def documents(self) -> list[dict]:
+        cols = (Document.id, Document.source, Document.content_hash, Document.size, Document.mtime,
+                Document.title, Document.char_count, Document.meta)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(select(*cols).order_by(Document.id)).mappings()]
+
+    def document(self, source: str) -> dict | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(Document.id, Document.size, Document.mtime, Document.content_hash)
+                               .where(Document.source == source)).mappings().first()
+        return dict(row) if row else None
+
+    def stats(self) -> dict:
+        with self.engine.connect() as conn:
+            n_docs = conn.execute(select(func.count(Document.id))).scalar_one()
+            n_chunks = conn.execute(select(func.count(Chunk.id))).scalar_one()
+            n_tokens = conn.execute(select(func.coalesce(func.sum(Chunk.token_count), 0))).scalar_one()
+        return {
+            "store": str(self.dir) if self.url.startswith("sqlite") else self.engine.url.render_as_string(),
+            "documents": n_docs, "chunks": n_chunks, "tokens": int(n_tokens),
+            "embedder": self.embedder, "index_kind": self.index.kind if self.index else None,
+            "index_vectors": self.index.size if self.index else 0,
+            "schema_revision": self.revision, "generation": self.generation,
+        }
+
+    # ---- check and repair -----------------------------------------------------------------
+
+    def check(self) -> dict:
+        """Verify SQL and FAISS agree and every chunk's span lies inside its document."""
+        with self.engine.connect() as conn:
+            sql_ids = np.fromiter(conn.execute(select(Chunk.id)).scalars(), np.int64)
+            bad_spans = conn.execute(
+                select(Chunk.id).join(Document).where(
+                    (Chunk.char_start < 0) | (Chunk.char_end > Document.char_count) | (Chunk.char_start >= Chunk.char_end)
+                )).scalars().all()
+            sql_generation = self._generation(conn)
+        report = {"sql_chunks": int(len(sql_ids)), "bad_spans": [int(i) for i in bad_spans],
+                  "sql_generation": sql_generation}
+        if self.index_error is not None:
+            report.update(index_error=str(self.index_error), index_vectors=None, missing_in_index=None,
+                          extra_in_index=None, consistent=False)
+            return report
+        disk_generation = None
+        if self.index_path.exists():
+            try:
+                disk_index, disk_generation = VectorIndex.load(self.index_path)
+            except IndexCorruptError as e:
+                report.update(index_error=str(e), consistent=False)
+                return report
+        else:
+            disk_index = self.index
+        index_ids = disk_index.ids() if disk_index is not None else np.zeros(0, np.int64)
+        missing, extra = np.setdiff1d(sql_ids, index_ids), np.setdiff1d(index_ids, sql_ids)
+        report.update(
+            index_vectors=int(len(index_ids)), index_generation=disk_generation,
+            missing_in_index=[int(i) for i in missing[:100]], extra_in_index=[int(i) for i in extra[:100]],
+            consistent=not (len(missing) or len(extra) or bad_spans),
+        )
+        return report
+
+    def repair(self) -> dict:
+        """Rebuild the index from SQL and mark documents with bad chunk spans for re-ingest."""
+        bad_spans = self.check()["bad_spans"]
+        n = self.rebuild_index()
+        doc_ids = set()
+        if bad_spans:
+            with self.engine.begin() as conn:
+                doc_ids = set(conn.execute(select(Chunk.document_id).where(Chunk.id.in_(bad_spans))).scalars())
+                conn.execute(update(Document).where(Document.id.in_(doc_ids)).values(content_hash="", mtime=-1.0))
+        self.save_index()
+        return {"rebuilt_vectors": n, "documents_marked_for_reingest": len(doc_ids)}
+
+    # ---- ingest runs ----------------------------------------------------------------------
+
+    def start_run(self) -> int:
+        with self.engine.begin() as conn:
+            return conn.execute(insert(IngestRun).values(status="running", stats={}, started_at=utcnow())
+                                .returning(IngestRun.id)).scalar_one()
+
+    def finish_run(self, run_id: int, status: str, stats: dict) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(IngestRun).where(IngestRun.id == run_id)
+                         .values(status=status, stats=stats, finished_at=utcnow()))
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if getattr(self, "engine", None) is None:
+            return
+        if self._dirty and self.index_error is None:
+            self.save_index()
+        self.engine.dispose()
+        self.engine = None
+        self._lock_file.close()
+        if self._tmpdir:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    def __enter__(self) -> MemoryStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _filter_predicate(key: str, value):
+    if key in ("path", "source"):
+        patterns = [value] if isinstance(value, str) else list(value)
+        return lambda r: any(fnmatch.fnmatchcase(r.source, p) for p in patterns)
+    if key == "document_id":
+        wanted = {int(v) for v in (value if isinstance(value, (list, tuple, set)) else [value])}
+        return lambda r: r.id in wanted
+    if key.startswith("meta.") and len(key) > 5:
+        name = key[5:]
+        return lambda r: (r.meta or {}).get(name) == value
+    raise UnknownFilterError(
+        f"unknown filter field {key!r}; use 'path' (a glob), 'document_id' or 'meta.<key>'"
+    )
