@@ -36,6 +36,7 @@ INDEX_FILE = "vectors.faiss"
 EXACT_FILTER_LIMIT = 20_000  # filtered searches over at most this many chunks are scored exactly
 COMPACT_FRACTION = 0.25  # rebuild an HNSW index when this share of it is tombstones
 BATCH = 10_000
+PENDING_LIMIT = 50_000  # vectors held for FAISS until commit; beyond this, re-read them from SQL
 
 
 @dataclass
@@ -86,6 +87,46 @@ class _Changes:
     added_ids: list[np.ndarray] = field(default_factory=list)
     added_vectors: list[np.ndarray] = field(default_factory=list)
     removed_ids: list[np.ndarray] = field(default_factory=list)
+    reconcile: bool = False  # too many vectors to hold: sync FAISS from SQL after commit
+    pending: int = 0
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        self.pending += len(ids)
+        if self.pending > PENDING_LIMIT:
+            self.reconcile = True
+            self.added_ids.clear()
+            self.added_vectors.clear()
+        if not self.reconcile:
+            self.added_ids.append(ids)
+            self.added_vectors.append(vectors)
+
+
+class DocumentWriter:
+    """Adds one document's chunks batch by batch inside a single transaction."""
+
+    def __init__(self, conn: Connection, changes: _Changes, document_id: int, dim: int):
+        self.conn, self.changes, self.document_id, self.dim = conn, changes, document_id, dim
+        self.chunks = 0
+
+    def add(self, chunks: list[ChunkIn], vectors: np.ndarray) -> None:
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if len(chunks) != len(vectors):
+            raise ValueError(f"{len(chunks)} chunks but {len(vectors)} vectors")
+        if not chunks:
+            return
+        if vectors.shape[1] != self.dim:
+            raise EmbedderMismatchError(f"vectors are {vectors.shape[1]}-d but the store holds {self.dim}-d vectors")
+        rows = [
+            dict(document_id=self.document_id, ordinal=c.ordinal, char_start=c.char_start, char_end=c.char_end,
+                 token_count=c.token_count, text=c.text, heading_path=c.heading_path, vector=v.tobytes())
+            for c, v in zip(chunks, vectors)
+        ]
+        ids = self.conn.execute(insert(Chunk).returning(Chunk.id, sort_by_parameter_order=True), rows).scalars().all()
+        self.changes.add(np.asarray(ids, dtype=np.int64), vectors)
+        self.chunks += len(chunks)
+
+    def set_char_count(self, n: int) -> None:
+        self.conn.execute(update(Document).where(Document.id == self.document_id).values(char_count=n))
 
 
 def resolve_target(target: str | Path, data_dir: str | Path | None) -> tuple[str, Path]:
@@ -240,6 +281,9 @@ class MemoryStore:
     def _apply(self, changes: _Changes) -> None:
         if self.index is None:
             return
+        if changes.reconcile:
+            self._reconcile()
+            return
         if changes.removed_ids:
             self.index.remove(np.concatenate(changes.removed_ids))
         if changes.added_ids:
@@ -251,33 +295,24 @@ class MemoryStore:
 
     def add_document(self, doc: DocumentIn, chunks: list[ChunkIn], vectors: np.ndarray) -> int:
         """Insert a document with its chunks and vectors, replacing any document with the same source."""
-        vectors = np.asarray(vectors, dtype=np.float32)
-        if len(chunks) != len(vectors):
-            raise ValueError(f"{len(chunks)} chunks but {len(vectors)} vectors")
+        with self.document_writer(doc) as writer:
+            writer.add(chunks, vectors)
+        return writer.document_id
+
+    @contextmanager
+    def document_writer(self, doc: DocumentIn) -> Iterator[DocumentWriter]:
+        """Replace the document with `doc.source` by `doc`, adding chunks in batches; all in one transaction."""
         if self.embedder_dim is None:
             raise MemstoreError("the store has no embedder yet; call require_embedder(name, dim) first")
-        if len(vectors) and vectors.shape[1] != self.embedder_dim:
-            raise EmbedderMismatchError(f"vectors are {vectors.shape[1]}-d but the store holds {self.embedder_dim}-d vectors")
         with self._write() as changes:
-            return self._insert_document(self._conn, changes, doc, chunks, vectors)
-
-    def _insert_document(self, conn, changes: _Changes, doc: DocumentIn, chunks, vectors) -> int:
-        self._delete_where(conn, changes, Document.source == doc.source)
-        doc_id = conn.execute(insert(Document).values(
-            source=doc.source, content_hash=doc.content_hash, size=doc.size, mtime=doc.mtime,
-            title=doc.title, char_count=doc.char_count, meta=doc.meta or {},
-            created_at=utcnow(), updated_at=utcnow(),
-        ).returning(Document.id)).scalar_one()
-        if chunks:
-            rows = [
-                dict(document_id=doc_id, ordinal=c.ordinal, char_start=c.char_start, char_end=c.char_end,
-                     token_count=c.token_count, text=c.text, heading_path=c.heading_path, vector=v.tobytes())
-                for c, v in zip(chunks, vectors)
-            ]
-            ids = conn.execute(insert(Chunk).returning(Chunk.id, sort_by_parameter_order=True), rows).scalars().all()
-            changes.added_ids.append(np.asarray(ids, dtype=np.int64))
-            changes.added_vectors.append(vectors)
-        return doc_id
+            conn = self._conn
+            self._delete_where(conn, changes, Document.source == doc.source)
+            doc_id = conn.execute(insert(Document).values(
+                source=doc.source, content_hash=doc.content_hash, size=doc.size, mtime=doc.mtime,
+                title=doc.title, char_count=doc.char_count, meta=doc.meta or {},
+                created_at=utcnow(), updated_at=utcnow(),
+            ).returning(Document.id)).scalar_one()
+            yield DocumentWriter(conn, changes, doc_id, self.embedder_dim)
 
     def delete_document(self, source_or_id: str | int) -> bool:
         """Delete a document, its chunks and their vectors. Returns whether it existed."""
@@ -440,6 +475,10 @@ class MemoryStore:
             row = conn.execute(select(Document.id, Document.size, Document.mtime, Document.content_hash)
                                .where(Document.source == source)).mappings().first()
         return dict(row) if row else None
+
+    def chunk_count(self, document_id: int) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.count(Chunk.id)).where(Chunk.document_id == document_id)).scalar_one()
 
     def stats(self) -> dict:
         with self.engine.connect() as conn:

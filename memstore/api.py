@@ -1,0 +1,90 @@
+"""The Python face of memstore: `memstore.open(...)` returns a Memory."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterable
+
+from ingest.chunking import Chunker, ChunkerConfig
+from ingest.embed import DEFAULT_EMBEDDER, Embedder, load_embedder
+from ingest.loaders import markdown_blocks
+from ingest.pipeline import Ingestor
+from memstore.errors import EmbedderMismatchError
+from memstore.index import IndexConfig
+from memstore.store import DocumentIn, Hit, MemoryStore
+
+
+class Memory:
+    """A store plus the embedder it was built with: ingest files or text, then search."""
+
+    def __init__(self, target: str | Path = ":memory:", *, data_dir: str | Path | None = None,
+                 create: bool = True, embedder: str | None = None, index: IndexConfig | None = None,
+                 on_corrupt_index: str = "raise"):
+        self.store = MemoryStore(target, data_dir=data_dir, create=create, index_config=index,
+                                 on_corrupt_index=on_corrupt_index)
+        stored = self.store.embedder
+        if stored and embedder and stored["name"] != embedder:
+            self.store.close()
+            raise EmbedderMismatchError(
+                f"store was built with embedder {stored['name']}, not {embedder}; "
+                f"leave --embedder out or use a new store"
+            )
+        self.embedder_name = (stored or {}).get("name") or embedder or DEFAULT_EMBEDDER
+        self._embedder: Embedder | None = None
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            self._embedder = load_embedder(self.embedder_name)
+        return self._embedder
+
+    def ingest(self, paths: str | Path | Iterable[str | Path], *, glob: str | None = None,
+               chunk_size: int = 200, overlap: int = 32, prune: bool = False,
+               meta: dict | None = None, progress: bool | None = False) -> dict:
+        """Ingest files and directories; returns the run summary (files, chunks, seconds, failures)."""
+        if isinstance(paths, (str, Path)):
+            paths = [paths]
+        ingestor = Ingestor(self.store, self.embedder, ChunkerConfig(chunk_size, overlap), meta=meta, progress=progress)
+        return ingestor.run(paths, glob=glob, prune=prune).to_dict()
+
+    def add_text(self, text: str, *, source: str | None = None, title: str | None = None,
+                 meta: dict | None = None, chunk_size: int = 200, overlap: int = 32) -> int:
+        """Add a string as a document (markdown headings are kept); returns its document id."""
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        source = source or f"text:{digest[:16]}"
+        emb = self.embedder
+        self.store.require_embedder(emb.name, emb.dim)
+        chunker = Chunker(emb.tokenizer, ChunkerConfig(chunk_size, overlap).validate(emb.max_tokens))
+        chunks = list(chunker.chunks(markdown_blocks(text)))
+        doc = DocumentIn(source=source, content_hash=digest, size=len(text.encode()), mtime=0.0,
+                         char_count=chunker.char_count, title=title, meta=meta or {})
+        return self.store.add_document(doc, chunks, emb.encode([c.text for c in chunks]))
+
+    def search(self, query: str, k: int = 5, filters: dict | None = None) -> list[Hit]:
+        """The k chunks closest to `query`, with document, char span, score and text."""
+        if not query or not query.strip():
+            raise ValueError("the query is empty")
+        if self.store.embedder is None:
+            return []
+        return self.store.search(self.embedder.encode([query])[0], k=k, filters=filters)
+
+    def delete(self, source_or_id: str | int) -> bool:
+        return self.store.delete_document(source_or_id)
+
+    def stats(self) -> dict:
+        return self.store.stats()
+
+    def check(self) -> dict:
+        return self.store.check()
+
+    def repair(self) -> dict:
+        return self.store.repair()
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Memory:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,234 @@
+"""The `memstore` command: a thin layer over memstore.api and memstore.store."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import click
+
+from memstore.errors import MemstoreError
+
+DEFAULT_STORE = ".memstore"
+
+
+class Fail(click.ClickException):
+    """A one-line error for bad input; exit code 2."""
+
+    exit_code = 2
+
+
+def friendly_errors(fn):
+    """Turn library errors into one-line messages with exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from ingest.embed import EmbedderNotFound
+
+        try:
+            return fn(*args, **kwargs)
+        except (MemstoreError, EmbedderNotFound, ValueError) as e:
+            raise Fail(str(e)) from None
+
+    return wrapper
+
+
+def emit(obj, as_json: bool, human=None) -> None:
+    """Print `obj` as one JSON document, or through `human` for people."""
+    if as_json or human is None:
+        click.echo(json.dumps(obj, indent=None if as_json else 2, default=str))
+    else:
+        human(obj)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+store_option = click.option(
+    "--store", "store", default=lambda: os.environ.get("MEMSTORE_STORE", DEFAULT_STORE), show_default=DEFAULT_STORE,
+    help="Store directory, or a database URL (postgresql+psycopg://...). Env: MEMSTORE_STORE.",
+)
+data_dir_option = click.option(
+    "--data-dir", default=None, help="Directory for the FAISS index of a database-URL store (default: under ~/.local/share/memstore).",
+)
+
+
+def open_memory(store: str, data_dir: str | None, create: bool = False, **kwargs):
+    from memstore.api import Memory
+
+    return Memory(store, data_dir=data_dir, create=create, **kwargs)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="memstore")
+def main():
+    """memstore: an external memory for language models.
+
+    Ingest documents into a store (SQL metadata + FAISS vectors), then search them.
+    """
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@store_option
+@data_dir_option
+@click.option("--glob", default=None, help="Only files whose name (or relative path, if it has a /) matches, e.g. '*.html'.")
+@click.option("--chunk-size", default=200, show_default=True, help="Chunk size in tokens of the embedder's tokenizer.")
+@click.option("--overlap", default=32, show_default=True, help="Tokens repeated between consecutive chunks.")
+@click.option("--prune", is_flag=True, help="Remove documents whose files are gone from the given paths.")
+@click.option("--embedder", default=None, help="all-MiniLM-L6-v2 (default) or a local sentence-transformers folder.")
+@click.option("--meta", multiple=True, metavar="KEY=VALUE", help="User metadata for every document of this run (repeatable).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
+@json_option
+@friendly_errors
+def ingest(paths, store, data_dir, glob, chunk_size, overlap, prune, embedder, meta, progress, as_json):
+    """Ingest files and directories (txt, md, rst, html, pdf) into the store.
+
+    Unchanged files are skipped; changed files are replaced; a killed run resumes.
+    Exit code 1 when a file failed to load, 2 on bad input.
+    """
+    with open_memory(store, data_dir, create=True, embedder=embedder) as mem:
+        summary = mem.ingest(list(paths), glob=glob, chunk_size=chunk_size, overlap=overlap,
+                             prune=prune, meta=parse_pairs(meta), progress=progress)
+    emit(summary, as_json, print_ingest_summary)
+    if summary["files_failed"]:
+        sys.exit(1)
+
+
+def print_ingest_summary(s: dict) -> None:
+    click.echo(
+        f"{s['files_seen']} files: {s['files_ingested']} ingested, {s['files_skipped']} skipped, "
+        f"{s['files_failed']} failed; {s['chunks_added']} chunks added, {s['chunks_removed']} removed, "
+        f"{s['documents_removed']} documents removed in {s['seconds']:.1f}s"
+    )
+    for item in s["skipped"]:
+        click.echo(f"  skipped {item['path']}: {item['reason']}")
+    for item in s["failed"]:
+        click.echo(f"  FAILED {item['path']}: {item['reason']}", err=True)
+
+
+def parse_pairs(pairs) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise Fail(f"expected KEY=VALUE, got {pair!r}")
+        out[key] = value
+    return out
+
+
+@main.command()
+@click.argument("query")
+@store_option
+@data_dir_option
+@click.option("-k", "k", default=5, show_default=True, help="Number of chunks to return.")
+@click.option("--filter", "filters", multiple=True, metavar="FIELD=VALUE",
+              help="path=GLOB, document_id=N or meta.KEY=VALUE (repeatable; all must match).")
+@json_option
+@friendly_errors
+def search(query, store, data_dir, k, filters, as_json):
+    """Find the chunks closest to QUERY."""
+    with open_memory(store, data_dir) as mem:
+        hits = [h.to_dict() for h in mem.search(query, k=k, filters=parse_pairs(filters) or None)]
+    emit(hits, as_json, print_hits)
+
+
+def print_hits(hits: list[dict]) -> None:
+    if not hits:
+        click.echo("no results")
+    for n, h in enumerate(hits, 1):
+        where = f"{h['source']}:{h['char_start']}-{h['char_end']}"
+        heading = f"  [{h['heading_path']}]" if h["heading_path"] else ""
+        click.echo(click.style(f"{n}. {h['score']:.3f}  {where}{heading}", bold=True))
+        text = " ".join(h["text"].split())
+        click.echo(f"   {text[:300]}{'...' if len(text) > 300 else ''}")
+
+
+@main.command()
+@store_option
+@data_dir_option
+@click.option("--repair", is_flag=True, help="Rebuild the FAISS index from SQL and flag bad documents for re-ingest.")
+@json_option
+@friendly_errors
+def check(store, data_dir, repair, as_json):
+    """Verify that SQL and the FAISS index agree. Exit code 0 only when consistent."""
+    with open_memory(store, data_dir, on_corrupt_index="defer") as mem:
+        report = mem.check()
+        if repair and not report["consistent"]:
+            report["repair"] = mem.repair()
+            report["after_repair"] = mem.check()
+            report["consistent"] = report["after_repair"]["consistent"]
+    emit(report, as_json, print_check)
+    sys.exit(0 if report["consistent"] else 1)
+
+
+def print_check(r: dict) -> None:
+    state = "consistent" if r["consistent"] else "INCONSISTENT"
+    click.echo(f"{state}: {r['sql_chunks']} chunks in SQL, {r.get('index_vectors')} vectors in the index")
+    for key in ("index_error", "missing_in_index", "extra_in_index", "bad_spans"):
+        if r.get(key):
+            click.echo(f"  {key}: {r[key]}")
+    if "repair" in r:
+        click.echo(f"  repaired: {r['repair']}")
+    elif not r["consistent"]:
+        click.echo("  run `memstore check --repair` to rebuild the index from SQL")
+
+
+@main.command()
+@store_option
+@data_dir_option
+@json_option
+@friendly_errors
+def stats(store, data_dir, as_json):
+    """Counts of documents, chunks and tokens, and how the store is built."""
+    with open_memory(store, data_dir) as mem:
+        emit(mem.stats(), as_json, lambda s: [click.echo(f"{k}: {v}") for k, v in s.items()])
+
+
+@main.group()
+def db():
+    """Schema migrations of a store's SQL database."""
+
+
+def _engine(store: str, data_dir: str | None):
+    from memstore import db as dbmod
+    from memstore.errors import NotAStoreError
+    from memstore.store import DB_FILE, resolve_target
+
+    url, _ = resolve_target(store, data_dir)
+    if url.startswith("sqlite:///") and not os.path.exists(url[len("sqlite:///"):]):
+        raise NotAStoreError(f"{store} is not a memstore store (no {DB_FILE})")
+    return dbmod.make_engine(url)
+
+
+@db.command()
+@store_option
+@data_dir_option
+@json_option
+@friendly_errors
+def upgrade(store, data_dir, as_json):
+    """Upgrade the schema to the newest revision."""
+    from memstore import db as dbmod
+
+    engine = _engine(store, data_dir)
+    before = dbmod.current_revision(engine)
+    after = dbmod.upgrade(engine)
+    emit({"from": before, "to": after}, as_json, lambda r: click.echo(f"schema: {r['from']} -> {r['to']}"))
+
+
+@db.command()
+@store_option
+@data_dir_option
+@json_option
+@friendly_errors
+def current(store, data_dir, as_json):
+    """Show the schema revision of the store and the newest one this memstore knows."""
+    from memstore import db as dbmod
+
+    engine = _engine(store, data_dir)
+    info = {"current": dbmod.current_revision(engine), "head": dbmod.head_revision(engine)}
+    info["up_to_date"] = info["current"] == info["head"]
+    emit(info, as_json, lambda r: click.echo(f"{r['current']} (head: {r['head']})"))
+
+
+if __name__ == "__main__":
+    main()
