@@ -325,17 +325,16 @@ def sniff_kind(path: Path) -> str | None:
 
 
 def loader_for(path: Path) -> Callable[[Path], Loaded]:
+    """Pick a loader by extension; a file without one is sniffed (PDF, HTML, text or binary)."""
     suffix = path.suffix.lower()
     if suffix in LOADERS:
         return LOADERS[suffix]
-    if suffix == "" or suffix not in KNOWN_BINARY:
+    if suffix == "":
         kind = sniff_kind(path)
-        if kind is not None and (suffix == "" or kind in (".pdf", ".html")):
-            return LOADERS[kind]
-    raise Unsupported(f"unsupported file type {suffix or '(no extension)'}, skipped")
-
-
-KNOWN_BINARY = {".png", ".jpg", ".jpeg", ".gif", ".zip", ".gz", ".tar", ".exe", ".so", ".pyc", ".bin", ".db"}
+        if kind is None:
+            raise Unsupported("binary file (not text), skipped")
+        return LOADERS[kind]
+    raise Unsupported(f"unsupported file type {suffix}, skipped")
 
 
 def load(path: Path) -> Loaded:

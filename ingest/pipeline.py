@@ -20,7 +20,7 @@ from ingest.embed import Embedder
 from ingest.loaders import LoadError, Unsupported, load
 from memstore.store import ChunkIn, DocumentIn, MemoryStore
 
-EMBED_BUFFER = 256  # chunks gathered from small files before one embedding call
+EMBED_BUFFER = int(os.environ.get("MEMSTORE_EMBED_BUFFER", 256))  # chunks from small files per embedding call
 STREAM_AFTER = 2048  # a document with more chunks than this is written batch by batch
 
 
