@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ingest.chunking import Chunker, ChunkerConfig
-from ingest.embed import DEFAULT_EMBEDDER, Embedder, load_embedder
+from ingest.embed import DEFAULT_EMBEDDER, Embedder, load_embedder, resolve_embedder_path
 from ingest.loaders import markdown_blocks
 from ingest.pipeline import Ingestor
 from memstore.errors import EmbedderMismatchError
@@ -20,6 +20,8 @@ class Memory:
     def __init__(self, target: str | Path = ":memory:", *, data_dir: str | Path | None = None,
                  create: bool = True, embedder: str | None = None, index: IndexConfig | None = None,
                  on_corrupt_index: str = "raise"):
+        if embedder:
+            resolve_embedder_path(embedder)  # a missing model fails before anything is written
         self.store = MemoryStore(target, data_dir=data_dir, create=create, index_config=index,
                                  on_corrupt_index=on_corrupt_index)
         stored = self.store.embedder
