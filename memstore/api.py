@@ -62,13 +62,17 @@ class Memory:
                          char_count=chunker.char_count, title=title, meta=meta or {})
         return self.store.add_document(doc, chunks, emb.encode([c.text for c in chunks]))
 
-    def search(self, query: str, k: int = 5, filters: dict | None = None) -> list[Hit]:
-        """The k chunks closest to `query`, with document, char span, score and text."""
+    def search(self, query: str, k: int = 5, filters: dict | None = None, mode: str = "hybrid") -> list[Hit]:
+        """The k chunks that best match `query`, with document, char span, score and text.
+
+        mode: "hybrid" (lexical + dense, fused; the default), "dense" or "lexical".
+        """
         if not query or not query.strip():
             raise ValueError("the query is empty")
         if self.store.embedder is None:
             return []
-        return self.store.search(self.embedder.encode([query])[0], k=k, filters=filters)
+        vector = None if mode == "lexical" else self.embedder.encode([query])[0]
+        return self.store.search(vector, k=k, filters=filters, query=query, mode=mode)
 
     def delete(self, source_or_id: str | int) -> bool:
         return self.store.delete_document(source_or_id)

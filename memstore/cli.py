@@ -123,12 +123,14 @@ def parse_pairs(pairs) -> dict:
 @click.option("-k", "k", default=5, show_default=True, help="Number of chunks to return.")
 @click.option("--filter", "filters", multiple=True, metavar="FIELD=VALUE",
               help="path=GLOB, document_id=N or meta.KEY=VALUE (repeatable; all must match).")
+@click.option("--mode", type=click.Choice(["hybrid", "dense", "lexical"]), default="hybrid", show_default=True,
+              help="hybrid fuses lexical (BM25) and dense (embedding) rankings.")
 @json_option
 @friendly_errors
-def search(query, store, data_dir, k, filters, as_json):
-    """Find the chunks closest to QUERY."""
+def search(query, store, data_dir, k, filters, mode, as_json):
+    """Find the chunks that best match QUERY (words and meaning)."""
     with open_memory(store, data_dir) as mem:
-        hits = [h.to_dict() for h in mem.search(query, k=k, filters=parse_pairs(filters) or None)]
+        hits = [h.to_dict() for h in mem.search(query, k=k, filters=parse_pairs(filters) or None, mode=mode)]
     emit(hits, as_json, print_hits)
 
 
@@ -138,7 +140,7 @@ def print_hits(hits: list[dict]) -> None:
     for n, h in enumerate(hits, 1):
         where = f"{h['source']}:{h['char_start']}-{h['char_end']}"
         heading = f"  [{h['heading_path']}]" if h["heading_path"] else ""
-        click.echo(click.style(f"{n}. {h['score']:.3f}  {where}{heading}", bold=True))
+        click.echo(click.style(f"{n}. {h['score']:.4f}  {where}{heading}", bold=True))
         text = " ".join(h["text"].split())
         click.echo(f"   {text[:300]}{'...' if len(text) > 300 else ''}")
 

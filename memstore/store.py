@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from sqlalchemy import Connection, delete, func, insert, select, update
 
-from memstore import db
+from memstore import db, lexical
 from memstore.errors import (
     EmbedderMismatchError, IndexCorruptError, MemstoreError, NotAStoreError, StoreLockedError,
     UnknownFilterError,
@@ -36,6 +36,8 @@ INDEX_FILE = "vectors.faiss"
 EXACT_FILTER_LIMIT = 20_000  # filtered searches over at most this many chunks are scored exactly
 COMPACT_FRACTION = 0.25  # rebuild an HNSW index when this share of it is tombstones
 BATCH = 10_000
+SEARCH_MODES = ("hybrid", "dense", "lexical")
+HYBRID_CANDIDATES = 50  # from each side, before fusion
 PENDING_LIMIT = 50_000  # vectors held for FAISS until commit; beyond this, re-read them from SQL
 
 
@@ -398,10 +400,36 @@ class MemoryStore:
 
     # ---- reading -------------------------------------------------------------------------
 
-    def search(self, vector: np.ndarray, k: int = 10, filters: dict | None = None) -> list[Hit]:
-        """Top-k chunks by inner product with `vector`, optionally restricted by `filters`."""
+    def search(self, vector: np.ndarray | None = None, k: int = 10, filters: dict | None = None, *,
+               query: str | None = None, mode: str | None = None, fusion: str = "rrf") -> list[Hit]:
+        """Top-k chunks for a query vector (dense), query text (lexical) or both (hybrid, fused).
+
+        `mode` defaults to hybrid when both are given. `filters` restrict both sides before
+        fusion, so a filtered search is never cut short.
+        """
+        mode = mode or ("hybrid" if vector is not None and query else "dense" if vector is not None else "lexical")
+        if mode not in SEARCH_MODES:
+            raise ValueError(f"unknown search mode {mode!r}; use one of {', '.join(SEARCH_MODES)}")
         if k < 1:
             raise ValueError("k must be at least 1")
+        if mode != "lexical" and vector is None:
+            raise ValueError(f"{mode} search needs a query vector")
+        if mode != "dense" and not (query and query.strip()):
+            raise ValueError(f"{mode} search needs query text")
+        doc_ids = self.document_ids_matching(filters) if filters else None
+        if doc_ids is not None and not doc_ids:
+            return []
+        n = max(HYBRID_CANDIDATES, 2 * k) if mode == "hybrid" else k
+        dense = self._dense(vector, n, doc_ids) if mode != "lexical" else []
+        lexical_hits = self._lexical(query, n, doc_ids) if mode != "dense" else []
+        if mode == "hybrid":
+            fuse = {"rrf": lexical.reciprocal_rank_fusion, "weighted": lexical.weighted_fusion}[fusion]
+            scored = fuse(dense, lexical_hits)
+        else:
+            scored = dense or lexical_hits
+        return self._hits(scored[:k])
+
+    def _dense(self, vector: np.ndarray, k: int, doc_ids: list[int] | None) -> list[tuple[int, float]]:
         if self.index_error is not None:
             raise self.index_error
         self._sync()
@@ -410,15 +438,15 @@ class MemoryStore:
         vector = np.asarray(vector, dtype=np.float32).reshape(1, -1)
         if vector.shape[1] != self.index.dim:
             raise EmbedderMismatchError(f"query vector is {vector.shape[1]}-d but the store holds {self.index.dim}-d vectors")
-        allowed = self.chunk_ids_matching(filters) if filters else None
-        if allowed is not None and len(allowed) == 0:
-            return []
+        allowed = self._chunk_ids_of(doc_ids) if doc_ids is not None else None
         if allowed is not None and self.index.kind != EXACT and len(allowed) <= EXACT_FILTER_LIMIT:
-            scored = self._exact_scores(vector[0], allowed, k)
-        else:
-            scores, ids = self.index.search(vector, k, allowed)
-            scored = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
-        return self._hits(scored)
+            return self._exact_scores(vector[0], allowed, k)
+        scores, ids = self.index.search(vector, k, allowed)
+        return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+
+    def _lexical(self, query: str, k: int, doc_ids: list[int] | None) -> list[tuple[int, float]]:
+        with self.engine.connect() as conn:
+            return lexical.search(conn, query, k, doc_ids)
 
     def _exact_scores(self, vector: np.ndarray, allowed: np.ndarray, k: int) -> list[tuple[int, float]]:
         ids, scores = [], []
@@ -430,19 +458,18 @@ class MemoryStore:
         top = np.argsort(-scores)[:k]
         return [(int(ids[i]), float(scores[i])) for i in top]
 
-    def chunk_ids_matching(self, filters: dict) -> np.ndarray:
-        """Chunk ids of documents that match every filter.
-
-        Fields: `path` (glob on the document source), `document_id` (an id or a list),
-        `meta.KEY` (equality on the document's user metadata).
-        """
-        doc_ids = self.document_ids_matching(filters)
+    def _chunk_ids_of(self, doc_ids: list[int]) -> np.ndarray:
         with self.engine.connect() as conn:
             out = [conn.execute(select(Chunk.id).where(Chunk.document_id.in_(doc_ids[s:s + BATCH]))).scalars().all()
                    for s in range(0, len(doc_ids), BATCH)]
         return np.asarray([i for part in out for i in part], dtype=np.int64)
 
     def document_ids_matching(self, filters: dict) -> list[int]:
+        """Ids of documents that match every filter.
+
+        Fields: `path` (glob on the document source), `document_id` (an id or a list),
+        `meta.KEY` (equality on the document's user metadata).
+        """
         predicates = [_filter_predicate(key, value) for key, value in filters.items()]
         with self.engine.connect() as conn:
             rows = conn.execute(select(Document.id, Document.source, Document.meta)).all()

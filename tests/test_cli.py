@@ -55,7 +55,7 @@ def test_search_json_and_filters(store):
     result = invoke("search", "rowid", "--store", store, "--json", "--filter", "path=*vacuum*")
     assert {Path(h["source"]).name for h in json.loads(result.output)} == {"lang_vacuum.html"}
     human = invoke("search", "rowid", "--store", store)
-    assert human.exit_code == 0 and re.search(r"^1\. \d\.\d{3}  .*autoinc.html:\d+-\d+", human.output, re.M)
+    assert human.exit_code == 0 and re.search(r"^1\. \d\.\d{4}  .*autoinc.html:\d+-\d+", human.output, re.M)
 
 
 def test_check_and_stats(store):

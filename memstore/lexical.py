@@ -1,0 +1,95 @@
+"""Lexical (BM25-style) search kept by the database itself, and rank fusion with dense search.
+
+SQLite stores use an FTS5 table filled by triggers; PostgreSQL stores a generated tsvector
+column with a GIN index (migration 0002), so the lexical index commits with the chunk rows.
+A query is always reduced to its words and passed as bound parameters: quotes, operators
+(AND, NEAR, *), SQL-looking text and any script are searched for as text, never parsed.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+from sqlalchemy import Connection, bindparam, text
+
+WORD = re.compile(r"\w+", re.UNICODE)
+MAX_TERMS = 64
+PG_DF_CAP = 20_000  # document frequency is counted up to this many chunks per term
+RRF_K = 60
+
+
+def query_terms(query: str) -> list[str]:
+    """Distinct lowercased words of the query, in order."""
+    return list(dict.fromkeys(w.lower() for w in WORD.findall(query)))[:MAX_TERMS]
+
+
+def search(conn: Connection, query: str, k: int, document_ids: list[int] | None = None) -> list[tuple[int, float]]:
+    """Top-k (chunk id, score) by lexical relevance, higher is better."""
+    terms = query_terms(query)
+    if not terms or (document_ids is not None and not document_ids):
+        return []
+    if conn.dialect.name == "sqlite":
+        return _search_sqlite(conn, terms, k, document_ids)
+    return _search_postgres(conn, terms, k, document_ids)
+
+
+def _search_sqlite(conn, terms, k, document_ids):
+    match = " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
+    where = ""
+    params = {"match": match, "k": k}
+    if document_ids is not None:
+        where = "AND f.rowid IN (SELECT id FROM chunks WHERE document_id IN :doc_ids)"
+        params["doc_ids"] = document_ids
+    sql = text(f"SELECT f.rowid, bm25(chunks_fts) AS s FROM chunks_fts f WHERE chunks_fts MATCH :match {where} "
+               "ORDER BY s LIMIT :k")
+    if document_ids is not None:
+        sql = sql.bindparams(bindparam("doc_ids", expanding=True))
+    return [(int(i), -float(s)) for i, s in conn.execute(sql, params)]
+
+
+def _search_postgres(conn, terms, k, document_ids):
+    """BM25-like: sum over query terms of idf(term) * ts_rank(tsv, term), length-normalized."""
+    n = conn.execute(text("SELECT count(*) FROM chunks")).scalar_one() or 1
+    weights, params = [], {}
+    for i, term in enumerate(terms):
+        params[f"t{i}"] = term
+        df = conn.execute(text(
+            f"SELECT count(*) FROM (SELECT 1 FROM chunks WHERE tsv @@ plainto_tsquery('english', :t) "
+            f"LIMIT {PG_DF_CAP}) s"), {"t": term}).scalar_one()
+        if df:
+            weights.append((i, math.log(1 + (n - df + 0.5) / (df + 0.5))))
+    if not weights:
+        return []
+    any_term = " || ".join(f"plainto_tsquery('english', :t{i})" for i, _ in weights)
+    score = " + ".join(f"{w:.6f} * ts_rank(tsv, plainto_tsquery('english', :t{i}), 1)" for i, w in weights)
+    where = "AND document_id IN :doc_ids" if document_ids is not None else ""
+    sql = text(f"SELECT id, {score} AS s FROM chunks WHERE tsv @@ ({any_term}) {where} ORDER BY s DESC LIMIT :k")
+    params["k"] = k
+    if document_ids is not None:
+        params["doc_ids"] = document_ids
+        sql = sql.bindparams(bindparam("doc_ids", expanding=True))
+    return [(int(i), float(s)) for i, s in conn.execute(sql, params)]
+
+
+def reciprocal_rank_fusion(*rankings: list[tuple[int, float]], k: int = RRF_K) -> list[tuple[int, float]]:
+    """Fuse ranked lists of (id, score): each list adds 1 / (k + rank) to an id's score."""
+    fused: dict[int, float] = {}
+    for ranking in rankings:
+        for rank, (item, _) in enumerate(ranking, 1):
+            fused[item] = fused.get(item, 0.0) + 1.0 / (k + rank)
+    return sorted(fused.items(), key=lambda kv: -kv[1])
+
+
+def weighted_fusion(dense: list[tuple[int, float]], lexical: list[tuple[int, float]],
+                    alpha: float = 0.5) -> list[tuple[int, float]]:
+    """alpha * min-max-normalized dense score + (1 - alpha) * normalized lexical score."""
+    def normalized(ranking):
+        if not ranking:
+            return {}
+        scores = [s for _, s in ranking]
+        lo, hi = min(scores), max(scores)
+        return {i: (s - lo) / (hi - lo) if hi > lo else 1.0 for i, s in ranking}
+
+    d, lx = normalized(dense), normalized(lexical)
+    fused = {i: alpha * d.get(i, 0.0) + (1 - alpha) * lx.get(i, 0.0) for i in d.keys() | lx.keys()}
+    return sorted(fused.items(), key=lambda kv: -kv[1])

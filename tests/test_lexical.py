@@ -1,0 +1,118 @@
+"""Lexical search inside the database (FTS5 / tsvector) and hybrid fusion, on SQLite and PostgreSQL."""
+import pytest
+from alembic import command
+from sqlalchemy import text
+
+from conftest import unit_vectors
+from memstore import db
+from memstore.store import ChunkIn, DocumentIn, MemoryStore
+
+DIM = 16
+FILLER = [
+    "The committee reviewed the quarterly budget and approved new funding for the library.",
+    "Rain is expected over the weekend, with clearer skies arriving by Monday afternoon.",
+    "The bakery on the corner sells bread, pastries and a famous cinnamon roll.",
+    "Engineers replaced the old pump station after a decade of faithful service.",
+    "Students presented projects about renewable energy at the regional science fair.",
+]
+
+
+def add(store, source, texts, seed=0, meta=None):
+    chunks = [ChunkIn(i, i * 200, i * 200 + len(t), t, 20) for i, t in enumerate(texts)]
+    doc = DocumentIn(source, f"h{source}", 1, 1.0, 200 * len(texts), meta=meta or {})
+    store.add_document(doc, chunks, unit_vectors(len(texts), DIM, seed))
+
+
+@pytest.fixture
+def store(store_target):
+    target, data_dir = store_target
+    s = MemoryStore(target, data_dir=data_dir)
+    s.require_embedder("test", DIM)
+    for i in range(8):
+        add(s, f"filler{i}.txt", FILLER, seed=i)
+    add(s, "needle.txt", FILLER[:2] + ["Ingrid's manager is Tobias. " + FILLER[2]], seed=100)
+    yield s
+    s.close()
+
+
+def test_rare_name_ranks_first(store):
+    hits = store.search(query="Who is Ingrid's manager?", k=3, mode="lexical")
+    assert hits[0].source == "needle.txt" and "Tobias" in hits[0].text
+
+
+def test_hybrid_keeps_the_lexical_winner(store):
+    query_vector = unit_vectors(1, DIM, 12345)[0]  # a dense side that knows nothing
+    hits = store.search(query_vector, k=4, query="Ingrid manager", mode="hybrid")
+    assert "Tobias" in hits[0].text
+
+
+@pytest.mark.parametrize("query", [
+    '"', '""', 'NEAR(', 'bread AND', 'bread*', '*', "bread OR NOT pastries", "col:bread",
+    "'; DROP TABLE chunks; --", "bread') OR 1=1 --", "^bread", "(bread", "données café naïve",
+    "数据库 查询", "Привет мир", "ل", "\\", "%_%",
+])
+def test_query_syntax_is_text(store, query):
+    hits = store.search(query=query, k=5, mode="lexical")
+    assert isinstance(hits, list)
+    assert store.stats()["chunks"] == 8 * 5 + 3  # nothing dropped
+
+
+def test_operator_words_match_as_words(store):
+    add(store, "ops.txt", ["The NEAR operator and the AND keyword appear in this sentence about bread-making."], seed=7)
+    assert store.search(query="NEAR", k=1, mode="lexical")[0].source == "ops.txt"
+    assert store.search(query='"bread-making"', k=1, mode="lexical")[0].source == "ops.txt"
+
+
+def test_non_latin_text_is_found(store):
+    add(store, "ru.txt", ["Библиотека открыта каждый день."], seed=8)
+    add(store, "fr.txt", ["Le café est fermé le dimanche."], seed=9)
+    assert store.search(query="библиотека", k=1, mode="lexical")[0].source == "ru.txt"
+    assert store.search(query="café fermé", k=1, mode="lexical")[0].source == "fr.txt"
+    if store.engine.dialect.name == "sqlite":  # FTS5 folds diacritics; PostgreSQL's english config does not
+        assert store.search(query="cafe ferme", k=1, mode="lexical")[0].source == "fr.txt"
+
+
+def test_filters_apply_before_fusion(store):
+    q = unit_vectors(1, DIM, 5)[0]
+    hits = store.search(q, k=3, query="Ingrid manager", filters={"path": "filler3.txt"})
+    assert len(hits) == 3 and {h.source for h in hits} == {"filler3.txt"}
+    lexical = store.search(query="bakery bread", k=5, mode="lexical", filters={"path": "needle.txt"})
+    assert [h.source for h in lexical] == ["needle.txt"]
+
+
+def test_deleted_and_replaced_chunks_leave_the_lexical_index(store):
+    store.delete_document("needle.txt")
+    assert all(h.source != "needle.txt" for h in store.search(query="Ingrid Tobias", k=5, mode="lexical"))
+    add(store, "needle.txt", ["Ingrid now reports to Margarethe."], seed=3)
+    assert store.search(query="Ingrid", k=1, mode="lexical")[0].text == "Ingrid now reports to Margarethe."
+    assert store.search(query="Tobias", k=5, mode="lexical") == []
+
+
+def test_bad_mode_and_missing_inputs(store):
+    with pytest.raises(ValueError, match="unknown search mode"):
+        store.search(query="x", mode="fuzzy")
+    with pytest.raises(ValueError, match="needs a query vector"):
+        store.search(query="x", mode="dense")
+    with pytest.raises(ValueError, match="needs query text"):
+        store.search(unit_vectors(1, DIM)[0], mode="lexical")
+
+
+def test_migration_backfills_existing_chunks(tmp_path):
+    path = tmp_path / "s"
+    path.mkdir()
+    engine = db.make_engine(f"sqlite:///{path / 'memstore.db'}")
+    cfg = db.alembic_config(engine)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")  # a store from before the lexical index
+    vec = unit_vectors(1, DIM)[0].tobytes()
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO settings(key, value) VALUES ('embedder', '{\"name\": \"test\", \"dim\": 16}')"))
+        conn.execute(text("INSERT INTO documents(source, content_hash, size, mtime, char_count, meta, created_at, updated_at) "
+                          "VALUES ('old.txt', 'h', 1, 1, 100, '{}', '2026-01-01', '2026-01-01')"))
+        conn.execute(text("INSERT INTO chunks(document_id, ordinal, char_start, char_end, token_count, text, heading_path, vector) "
+                          "VALUES (1, 0, 0, 30, 5, 'Zanzibar spice markets at dawn', '', :v)"), {"v": vec})
+    engine.dispose()
+    with MemoryStore(path, create=False) as store:  # opening upgrades to head and back-fills
+        assert store.revision == db.head_revision(store.engine)
+        assert store.search(query="zanzibar", k=1, mode="lexical")[0].source == "old.txt"
