@@ -166,7 +166,7 @@ def check(store, data_dir, repair, as_json):
 def print_check(r: dict) -> None:
     state = "consistent" if r["consistent"] else "INCONSISTENT"
     click.echo(f"{state}: {r['sql_chunks']} chunks in SQL, {r.get('index_vectors')} vectors in the index")
-    for key in ("index_error", "missing_in_index", "extra_in_index", "bad_spans"):
+    for key in ("index_error", "missing_in_index", "extra_in_index", "bad_spans", "lexical_error"):
         if r.get(key):
             click.echo(f"  {key}: {r[key]}")
     if "repair" in r:

@@ -71,6 +71,23 @@ def _search_postgres(conn, terms, k, document_ids):
     return [(int(i), float(s)) for i, s in conn.execute(sql, params)]
 
 
+def integrity_error(conn: Connection) -> str | None:
+    """None when the lexical index matches the chunk rows, else what is wrong."""
+    if conn.dialect.name == "sqlite":
+        try:
+            conn.execute(text("INSERT INTO chunks_fts(chunks_fts, rank) VALUES ('integrity-check', 1)"))
+        except Exception as e:  # FTS5 reports corruption as a generic database error
+            return f"lexical index does not match the chunks ({e.__class__.__name__})"
+        return None
+    missing = conn.execute(text("SELECT count(*) FROM chunks WHERE tsv IS NULL")).scalar_one()
+    return f"{missing} chunks lack a tsvector" if missing else None
+
+
+def rebuild(conn: Connection) -> None:
+    if conn.dialect.name == "sqlite":
+        conn.execute(text("INSERT INTO chunks_fts(chunks_fts) VALUES ('rebuild')"))
+
+
 def reciprocal_rank_fusion(*rankings: list[tuple[int, float]], k: int = RRF_K) -> list[tuple[int, float]]:
     """Fuse ranked lists of (id, score): each list adds 1 / (k + rank) to an id's score."""
     fused: dict[int, float] = {}

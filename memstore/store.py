@@ -531,8 +531,9 @@ class MemoryStore:
                     (Chunk.char_start < 0) | (Chunk.char_end > Document.char_count) | (Chunk.char_start >= Chunk.char_end)
                 )).scalars().all()
             sql_generation = self._generation(conn)
+            lexical_error = lexical.integrity_error(conn)
         report = {"sql_chunks": int(len(sql_ids)), "bad_spans": [int(i) for i in bad_spans],
-                  "sql_generation": sql_generation}
+                  "sql_generation": sql_generation, "lexical_error": lexical_error}
         if self.index_error is not None:
             report.update(index_error=str(self.index_error), index_vectors=None, missing_in_index=None,
                           extra_in_index=None, consistent=False)
@@ -551,14 +552,16 @@ class MemoryStore:
         report.update(
             index_vectors=int(len(index_ids)), index_generation=disk_generation,
             missing_in_index=[int(i) for i in missing[:100]], extra_in_index=[int(i) for i in extra[:100]],
-            consistent=not (len(missing) or len(extra) or bad_spans),
+            consistent=not (len(missing) or len(extra) or bad_spans or lexical_error),
         )
         return report
 
     def repair(self) -> dict:
-        """Rebuild the index from SQL and mark documents with bad chunk spans for re-ingest."""
+        """Rebuild the FAISS and lexical indexes from SQL; mark documents with bad chunk spans for re-ingest."""
         bad_spans = self.check()["bad_spans"]
         n = self.rebuild_index()
+        with self.engine.begin() as conn:
+            lexical.rebuild(conn)
         doc_ids = set()
         if bad_spans:
             with self.engine.begin() as conn:

@@ -116,3 +116,17 @@ def test_migration_backfills_existing_chunks(tmp_path):
     with MemoryStore(path, create=False) as store:  # opening upgrades to head and back-fills
         assert store.revision == db.head_revision(store.engine)
         assert store.search(query="zanzibar", k=1, mode="lexical")[0].source == "old.txt"
+
+
+def test_check_notices_a_damaged_lexical_index_and_repair_rebuilds_it(tmp_path):
+    with MemoryStore(tmp_path / "s") as store:
+        store.require_embedder("test", DIM)
+        add(store, "a.txt", FILLER)
+        assert store.check()["consistent"]
+        with store.engine.begin() as conn:  # lose the FTS rows behind the triggers' back
+            conn.execute(text("INSERT INTO chunks_fts(chunks_fts, rowid, text) VALUES ('delete', 1, :t)"), {"t": FILLER[0]})
+        report = store.check()
+        assert not report["consistent"] and report["lexical_error"]
+        store.repair()
+        assert store.check()["consistent"]
+        assert store.search(query="committee budget", k=1, mode="lexical")[0].ordinal == 0
