@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from sqlalchemy import Connection, delete, func, insert, select, update
 
-from memstore import db, lexical
+from memstore import db, kv, lexical
 from memstore.errors import (
     EmbedderMismatchError, IndexCorruptError, MemstoreError, NotAStoreError, StoreLockedError,
     UnknownFilterError,
@@ -158,10 +158,11 @@ class MemoryStore:
         self._check_exists(target, create)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.index_path = self.dir / INDEX_FILE
+        self.kv_dir = self.dir / "kv"
         self.engine = db.make_engine(self.url)
         self.revision = db.upgrade(self.engine)
         self.index_config = index_config or IndexConfig()
-        self.checkpoint_seconds = 0.0  # save the index after every write unless raised
+        self.checkpoint_seconds = 5.0  # the index file is a checkpoint: SQL holds every committed write
         self._last_save = time.monotonic()
         self._dirty = False  # the in-memory index differs from the file
         self._lock_file = open(self.dir / "write.lock", "a+")
@@ -281,6 +282,8 @@ class MemoryStore:
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
 
     def _apply(self, changes: _Changes) -> None:
+        if changes.removed_ids:
+            kv.drop_chunks(self.kv_dir, np.concatenate(changes.removed_ids).tolist())
         if self.index is None:
             return
         if changes.reconcile:
@@ -532,8 +535,10 @@ class MemoryStore:
                 )).scalars().all()
             sql_generation = self._generation(conn)
             lexical_error = lexical.integrity_error(conn)
+        orphan_kv = sorted(kv.stored_chunk_ids(self.kv_dir) - set(sql_ids.tolist()))
         report = {"sql_chunks": int(len(sql_ids)), "bad_spans": [int(i) for i in bad_spans],
-                  "sql_generation": sql_generation, "lexical_error": lexical_error}
+                  "sql_generation": sql_generation, "lexical_error": lexical_error,
+                  "orphan_kv_entries": len(orphan_kv)}
         if self.index_error is not None:
             report.update(index_error=str(self.index_error), index_vectors=None, missing_in_index=None,
                           extra_in_index=None, consistent=False)
@@ -562,6 +567,8 @@ class MemoryStore:
         n = self.rebuild_index()
         with self.engine.begin() as conn:
             lexical.rebuild(conn)
+            sql_ids = set(conn.execute(select(Chunk.id)).scalars())
+        kv.drop_chunks(self.kv_dir, kv.stored_chunk_ids(self.kv_dir) - sql_ids)
         doc_ids = set()
         if bad_spans:
             with self.engine.begin() as conn:
