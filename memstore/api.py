@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from ingest.chunking import Chunker, ChunkerConfig
 from ingest.embed import DEFAULT_EMBEDDER, Embedder, load_embedder, resolve_embedder_path
 from ingest.loaders import markdown_blocks
 from ingest.pipeline import Ingestor
-from memstore.errors import EmbedderMismatchError
+from memstore.errors import EmbedderMismatchError, MemstoreError
 from memstore.index import IndexConfig
 from memstore.store import DocumentIn, Hit, MemoryStore
+
+DEFAULT_MODEL = "smollm2-135m"
 
 
 class Memory:
@@ -33,6 +35,7 @@ class Memory:
             )
         self.embedder_name = (stored or {}).get("name") or embedder or DEFAULT_EMBEDDER
         self._embedder: Embedder | None = None
+        self._answerers: dict = {}
 
     @property
     def embedder(self) -> Embedder:
@@ -73,6 +76,38 @@ class Memory:
             return []
         vector = None if mode == "lexical" else self.embedder.encode([query])[0]
         return self.store.search(vector, k=k, filters=filters, query=query, mode=mode)
+
+    def ask(self, question: str, *, model: str | None = None, mode: str = "memory", k: int = 4,
+            max_new_tokens: int = 32, retrieve_every: int = 1, filters: dict | None = None,
+            on_token: Callable[[str], None] | None = None):
+        """Answer `question` from the store with a language model; returns an Answer with sources.
+
+        mode: "memory" (retrieved chunks' keys/values in memory slots of the KV cache, refilled
+        by retrieval at every decoding step), "rag" (chunks pasted as text), "truncate" (the
+        documents cut to the model's window) or "full" (the whole text, where it fits).
+        `on_token` receives the answer text piece by piece as it is generated.
+        """
+        if self.store.stats()["chunks"] == 0:
+            raise MemstoreError("the store is empty; ingest documents first (`memstore ingest PATH`)")
+        answerer = self._answerer(model or DEFAULT_MODEL)
+
+        def retrieve(text: str) -> list[dict]:
+            return [h.to_dict() for h in self.search(text, k=k, filters=filters)]
+
+        def whole_text() -> str:
+            ids = self.store.document_ids_matching(filters) if filters else [d["id"] for d in self.store.documents()]
+            return "\n\n".join(self.store.document_text(i) for i in ids)
+
+        return answerer.ask(question, retrieve, mode=mode, k=k, max_new_tokens=max_new_tokens,
+                            retrieve_every=retrieve_every, document_text=whole_text, on_token=on_token)
+
+    def _answerer(self, model: str):
+        from model.answer import Answerer
+        from model.backbone import load_backbone
+
+        if model not in self._answerers:
+            self._answerers[model] = Answerer(load_backbone(model), self.store.kv_dir)
+        return self._answerers[model]
 
     def delete(self, source_or_id: str | int) -> bool:
         return self.store.delete_document(source_or_id)

@@ -506,6 +506,22 @@ class MemoryStore:
                                .where(Document.source == source)).mappings().first()
         return dict(row) if row else None
 
+    def document_text(self, document_id: int) -> str:
+        """The document's text rebuilt from its chunks (whitespace between chunks becomes spaces)."""
+        with self.engine.connect() as conn:
+            n = conn.execute(select(Document.char_count).where(Document.id == document_id)).scalar_one_or_none()
+            if n is None:
+                raise MemstoreError(f"no document with id {document_id}")
+            rows = conn.execute(select(Chunk.char_start, Chunk.text).where(Chunk.document_id == document_id)
+                                .order_by(Chunk.ordinal)).all()
+        out, end = [], 0
+        for start, text in rows:
+            if start > end:
+                out.append(" " * (start - end))
+            out.append(text[max(0, end - start):])
+            end = max(end, start + len(text))
+        return "".join(out)
+
     def chunk_count(self, document_id: int) -> int:
         with self.engine.connect() as conn:
             return conn.execute(select(func.count(Chunk.id)).where(Chunk.document_id == document_id)).scalar_one()

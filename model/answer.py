@@ -1,0 +1,130 @@
+"""Question answering with citations, in any mode, over a store's chunks and KV memory."""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from memstore.kv import KVMemory
+from model.generate import Decoder, Generation
+
+MODES = ("memory", "rag", "truncate", "full")
+
+
+@dataclass
+class Source:
+    chunk_id: int
+    document_id: int
+    source: str
+    title: str | None
+    char_start: int
+    char_end: int
+    heading_path: str
+    text: str
+    attention: float  # share of the answer's attention on this chunk (memory and rag modes)
+    retrieval_score: float | None = None
+
+
+@dataclass
+class Answer:
+    text: str
+    sources: list[Source]
+    mode: str
+    model: str
+    timings: dict = field(default_factory=dict)
+    refills: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Answerer:
+    """Runs one backbone over one store: retrieval in, answer with ranked sources out."""
+
+    def __init__(self, backbone, kv_root, *, slot_len: int = 256, kv_budget_bytes: int = 4 << 30):
+        self.backbone = backbone
+        self.decoder = Decoder(backbone.model, backbone.tokenizer, max_positions=backbone.max_positions,
+                               slot_len=slot_len)
+        self.kv_root = kv_root
+        self.kv_budget_bytes = kv_budget_bytes
+        self._kv: dict[str, KVMemory] = {}
+
+    def kv_memory(self, prefix_ids: list[int]) -> KVMemory:
+        """The KV store for this model and prompt prefix: memory from another model is never mixed in."""
+        digest = hashlib.sha1(np.asarray(prefix_ids, dtype=np.int64).tobytes()).hexdigest()[:10]
+        key = f"{self.backbone.name}-p{digest}-s{self.decoder.slot_len}"
+        if key not in self._kv:
+            self._kv[key] = KVMemory(self.kv_root, key, self.kv_budget_bytes)
+        return self._kv[key]
+
+    def kv_for(self, chunks: list[dict], prefix_ids: list[int]) -> list[np.ndarray]:
+        """Each chunk's memory: read from disk, or encoded now (in one batch) and stored."""
+        store = self.kv_memory(prefix_ids)
+        found = [store.get(c["chunk_id"]) for c in chunks]
+        missing = [i for i, kv in enumerate(found) if kv is None]
+        if missing:
+            encoded = self.decoder.encode([chunks[i]["text"] for i in missing], prefix_ids)
+            for i, kv in zip(missing, encoded):
+                store.put(chunks[i]["chunk_id"], kv)
+                found[i] = kv
+        return found
+
+    def ask(self, question: str, retrieve: Callable[[str], list[dict]], *, mode: str = "memory", k: int = 4,
+            max_new_tokens: int = 32, retrieve_every: int = 1, document_text: Callable[[], str] | None = None,
+            on_token=None) -> Answer:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        if not question.strip():
+            raise ValueError("the question is empty")
+        self._check_question_fits(question, max_new_tokens)
+        started = time.perf_counter()
+        if mode == "memory":
+            gen = self.decoder.memory(question, retrieve, self.kv_for, k=k, max_new_tokens=max_new_tokens,
+                                      retrieve_every=retrieve_every, on_token=on_token)
+        elif mode == "rag":
+            t = time.perf_counter()
+            chunks = retrieve(question)[:k]
+            timings = {"retrieval_s": time.perf_counter() - t}
+            gen = self.decoder.prompt(question, chunks, max_new_tokens=max_new_tokens, on_token=on_token,
+                                      timings=timings, started=started)
+        else:
+            gen = self._whole_text(question, mode, document_text, max_new_tokens, on_token, started)
+        return self._answer(gen, mode)
+
+    def _check_question_fits(self, question: str, max_new_tokens: int) -> None:
+        n = len(self.backbone.tokenizer(question, add_special_tokens=False)["input_ids"])
+        budget = self.backbone.max_positions // 2
+        if n > budget:
+            raise ValueError(f"the question has {n} tokens; at most {budget} fit with room for documents "
+                             f"in the {self.backbone.max_positions}-token window")
+
+    def _whole_text(self, question, mode, document_text, max_new_tokens, on_token, started) -> Generation:
+        if document_text is None:
+            raise ValueError(f"mode {mode!r} needs the document text")
+        text = document_text()
+        tok = self.backbone.tokenizer
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        budget = self.backbone.max_positions - max_new_tokens - 256  # room for the template and question
+        if mode == "full" and len(ids) > budget:
+            raise ValueError(f"the documents have {len(ids)} tokens but the window holds {budget}; "
+                             "use mode 'memory' or 'rag', or 'truncate'")
+        ids = ids[:budget]
+        context = {"chunk_id": -1, "document_id": -1, "source": "(whole text)", "title": None, "char_start": 0,
+                   "char_end": len(tok.decode(ids)), "heading_path": "", "text": tok.decode(ids),
+                   "token_limit": budget}
+        return self.decoder.prompt(question, [context], max_new_tokens=max_new_tokens, on_token=on_token,
+                                   started=started)
+
+    def _answer(self, gen: Generation, mode: str) -> Answer:
+        total = sum(gen.attention) or 1.0
+        ranked = sorted(zip(gen.chunks, gen.attention), key=lambda ca: -ca[1])
+        sources = [
+            Source(chunk_id=c["chunk_id"], document_id=c["document_id"], source=c["source"], title=c.get("title"),
+                   char_start=c["char_start"], char_end=c["char_end"], heading_path=c.get("heading_path", ""),
+                   text=c["text"], attention=round(a / total, 4), retrieval_score=c.get("score"))
+            for c, a in ranked if c["chunk_id"] >= 0
+        ]
+        return Answer(gen.text, sources, mode, self.backbone.name, gen.timings, gen.refills)

@@ -1,0 +1,249 @@
+"""Greedy decoding for every mode, with retrieval before each step in memory mode.
+
+memory:   [prefix][k memory slots][question] -> generate; before every `retrieve_every`
+          steps the retriever scores the memory against question + generated text, and
+          slots whose chunk fell out of the top k are refilled (then the local tokens are
+          re-run over the new slots).
+rag:      the same chunks pasted into the prompt as text: [prefix][chunk texts][question].
+truncate: the document text cut to fit the native window, in the prompt.
+full:     the whole document text in the prompt, only where it fits.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from model.memory import SlotCache, SlotLayout, crop_to, encode_chunks, prefill
+
+SYSTEM = "Answer the question with a short phrase taken from the documents."
+DOCS_MARK = "\x00DOCS\x00"
+SEPARATOR = "\n\n"
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    chunks: list[dict]  # what the slots (or the prompt) held at the end
+    attention: list[float]  # attention mass the answer put on each of `chunks`
+    timings: dict = field(default_factory=dict)
+    refills: int = 0
+
+
+class PromptParts:
+    """The chat-templated prompt cut around the documents: prefix ids, question ids."""
+
+    def __init__(self, tokenizer, question: str):
+        messages = [{"role": "system", "content": SYSTEM},
+                    {"role": "user", "content": f"Documents:\n{DOCS_MARK}\nQuestion: {question}"}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        before, after = text.split(DOCS_MARK)
+        self.prefix = tokenizer(before, add_special_tokens=False)["input_ids"]
+        self.suffix = tokenizer(after, add_special_tokens=False)["input_ids"]
+
+
+def chunk_token_ids(tokenizer, text: str, limit: int) -> list[int]:
+    return tokenizer(text + SEPARATOR, add_special_tokens=False)["input_ids"][:limit]
+
+
+def eos_ids(tokenizer, model) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    ids |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else {gen_eos}
+    for tok in ("<|im_end|>", "<|endoftext|>", "<end_of_turn>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return {i for i in ids if i is not None}
+
+
+class Decoder:
+    """Holds a backbone and what can be reused across questions (prefix caches)."""
+
+    def __init__(self, model, tokenizer, *, max_positions: int, slot_len: int = 256):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_positions = max_positions
+        self.slot_len = slot_len
+        self.eos = eos_ids(tokenizer, model)
+        self._prefix_cache: dict[tuple, object] = {}
+
+    # ---- shared pieces ---------------------------------------------------------------------
+
+    def prefix(self, prefix_ids: list[int]):
+        key = tuple(prefix_ids)
+        if key not in self._prefix_cache:
+            self._prefix_cache[key] = prefill(self.model, prefix_ids)
+        return self._prefix_cache[key]
+
+    def encode(self, texts: list[str], prefix_ids: list[int]) -> list[np.ndarray]:
+        """Memory for chunk texts (un-rotated keys and values), computed after the prefix."""
+        ids = [chunk_token_ids(self.tokenizer, t, self.slot_len) for t in texts]
+        return encode_chunks(self.model, self.prefix(prefix_ids), ids)
+
+    def _greedy(self, step: Callable, logits: torch.Tensor, max_new_tokens: int, on_token, started: float,
+                timings: dict, after_token: Callable | None = None) -> list[int]:
+        generated: list[int] = []
+        text_so_far = ""
+        for _ in range(max_new_tokens):
+            token = int(torch.argmax(logits))
+            if not generated:
+                timings["ttft_s"] = time.perf_counter() - started
+            if token in self.eos:
+                break
+            generated.append(token)
+            if on_token is not None:
+                text = self.tokenizer.decode(generated, skip_special_tokens=True)
+                on_token(text[len(text_so_far):])
+                text_so_far = text
+            logits = (after_token(generated) if after_token else None)
+            if logits is None:
+                logits = step([token])
+        return generated
+
+    # ---- memory mode -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def memory(self, question: str, retrieve: Callable[[str], list[dict]], kv_for: Callable,
+               *, k: int, max_new_tokens: int = 32, retrieve_every: int = 1, on_token=None) -> Generation:
+        """Generate with k memory slots, refilled by retrieval as decoding goes on.
+
+        retrieve(text) -> ranked chunk dicts (with chunk_id, text); kv_for(chunks, prefix_ids)
+        -> their memory arrays (from the KV store, or encoded now).
+        """
+        started = time.perf_counter()
+        timings: dict = {}
+        parts = PromptParts(self.tokenizer, question)
+        t = time.perf_counter()
+        chunks = retrieve(question)[:k]
+        timings["retrieval_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        layout = SlotLayout(len(parts.prefix), max(1, len(chunks)), self.slot_len)
+        slots = SlotCache(self.model, self.prefix(parts.prefix), layout)
+        for i, kv in enumerate(kv_for(chunks, parts.prefix)):
+            slots.fill(i, kv)
+        timings["memory_load_s"] = time.perf_counter() - t
+        logits = slots.forward(parts.suffix).logits[0, -1]
+        refills = 0
+        last_query = question
+
+        def maybe_refill(generated: list[int]):
+            nonlocal chunks, refills, last_query
+            if not retrieve_every or len(generated) % retrieve_every:
+                return None
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            query = f"{question} {text[:text.rfind(' ')] if ' ' in text else ''}".strip()
+            if query == last_query:  # retrieval depends only on the text: same words, same slots
+                return None
+            last_query = query
+            t = time.perf_counter()
+            ranked = retrieve(query)[:k]
+            timings["retrieval_s"] += time.perf_counter() - t
+            new_ids = {c["chunk_id"] for c in ranked}
+            if new_ids == {c["chunk_id"] for c in chunks}:
+                return None
+            chunks = self._refill(slots, chunks, ranked, kv_for, parts.prefix)
+            refills += 1
+            slots.drop_local()
+            return slots.forward(parts.suffix + generated).logits[0, -1]
+
+        generated = self._greedy(lambda ids: slots.forward(ids).logits[0, -1], logits, max_new_tokens,
+                                 on_token, started, timings, after_token=maybe_refill)
+        timings["generate_s"] = time.perf_counter() - started
+        attention = self._slot_attention(slots, parts.suffix, generated)[:len(chunks)]
+        return self._result(generated, chunks, attention, timings, started, refills)
+
+    def _refill(self, slots: SlotCache, current: list[dict], ranked: list[dict], kv_for, prefix_ids) -> list[dict]:
+        """Keep slots whose chunk is still wanted; put the newcomers in the freed slots."""
+        wanted = {c["chunk_id"] for c in ranked}
+        kept_ids = {c["chunk_id"] for c in current if c["chunk_id"] in wanted}
+        newcomers = [c for c in ranked if c["chunk_id"] not in kept_ids]
+        free = [i for i, c in enumerate(current) if c["chunk_id"] not in wanted]
+        free += list(range(len(current), slots.layout.n_slots))
+        result = list(current)
+        for i, chunk, kv in zip(free, newcomers, kv_for(newcomers[:len(free)], prefix_ids)):
+            slots.fill(i, kv)
+            if i < len(result):
+                result[i] = chunk
+            else:
+                result.append(chunk)
+        return result
+
+    def _slot_attention(self, slots: SlotCache, suffix: list[int], generated: list[int]) -> list[float]:
+        """Attention mass the answer tokens put on each slot (mean over layers and heads)."""
+        if not generated:
+            return [0.0] * slots.layout.n_slots
+        slots.drop_local()
+        with eager_attention(self.model):
+            out = slots.forward(suffix + generated, output_attentions=True)
+        return _span_mass(out.attentions, slots.slot_spans(), n_answer=len(generated))
+
+    # ---- prompt modes (rag, truncate, full) ---------------------------------------------------
+
+    @torch.no_grad()
+    def prompt(self, question: str, chunks: list[dict], *, max_new_tokens: int = 32, on_token=None,
+               timings: dict | None = None, started: float | None = None) -> Generation:
+        """Generate with the chunks' texts pasted into the prompt, in order."""
+        started = started or time.perf_counter()
+        timings = dict(timings or {})
+        parts = PromptParts(self.tokenizer, question)
+        ids, spans = list(parts.prefix), []
+        for c in chunks:
+            piece = chunk_token_ids(self.tokenizer, c["text"], c.get("token_limit", self.slot_len))
+            spans.append((len(ids), len(ids) + len(piece)))
+            ids += piece
+        n_context = len(ids)
+        ids += parts.suffix
+        if len(ids) + max_new_tokens > self.max_positions:
+            raise ValueError(f"prompt of {len(ids)} tokens does not fit the model's {self.max_positions}-token window")
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+
+        def step(new_ids):
+            return self.model(input_ids=torch.tensor([new_ids]), past_key_values=cache, use_cache=True).logits[0, -1]
+
+        logits = step(ids)
+        generated = self._greedy(step, logits, max_new_tokens, on_token, started, timings)
+        timings["generate_s"] = time.perf_counter() - started
+        attention = [0.0] * len(chunks)
+        if generated and chunks:
+            crop_to(cache, n_context)
+            with eager_attention(self.model):
+                out = self.model(input_ids=torch.tensor([parts.suffix + generated]), past_key_values=cache,
+                                 use_cache=True, output_attentions=True)
+            attention = _span_mass(out.attentions, spans, n_answer=len(generated))
+        return self._result(generated, chunks, attention, timings, started, 0)
+
+    def _result(self, generated, chunks, attention, timings, started, refills) -> Generation:
+        timings["total_s"] = time.perf_counter() - started
+        timings["tokens"] = len(generated)
+        gen_time = timings["generate_s"] - timings.get("ttft_s", 0.0)
+        timings["tokens_per_s"] = (len(generated) - 1) / gen_time if len(generated) > 1 and gen_time > 0 else None
+        text = self.tokenizer.decode(generated, skip_special_tokens=True).strip()
+        return Generation(text, generated, chunks, attention, timings, refills)
+
+
+class eager_attention:
+    """Switch the model to eager attention (which returns weights) for a block."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.previous = self.model.config._attn_implementation
+        self.model.set_attn_implementation("eager")
+
+    def __exit__(self, *exc):
+        self.model.set_attn_implementation(self.previous)
+
+
+def _span_mass(attentions, spans: list[tuple[int, int]], n_answer: int) -> list[float]:
+    """Mean attention mass from the answer's query positions onto each key span."""
+    # attentions: per layer (1, heads, q_len, kv_len); the queries that produced the answer tokens
+    stacked = torch.stack([a[0, :, -n_answer - 1:-1, :] for a in attentions])  # (layers, heads, n_answer, kv_len)
+    mean = stacked.float().mean(dim=(0, 1, 2))  # (kv_len,)
+    return [float(mean[a:b].sum()) for a, b in spans]

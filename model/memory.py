@@ -1,0 +1,167 @@
+"""Memory slots in the KV cache of a pretrained RoPE decoder.
+
+The prompt is laid out as
+
+    [prefix][slot 0][slot 1]...[slot k-1][question][generated tokens]
+     0..P    P+i*S .. P+(i+1)*S                  P+k*S ..
+
+Each slot holds one retrieved chunk's keys and values. A chunk is encoded once, after the
+shared prefix (so it reads like the start of a document list), and its keys are stored
+un-rotated (RoPE removed). Placing it in slot i rotates the keys to positions P+i*S...;
+a chunk shorter than S leaves masked padding. Because RoPE is a rotation, rotating a key
+by position p equals computing it at p: the model reads the slot as if the chunk had been
+in the prompt at that place, without re-running it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+
+# ---- RoPE helpers ----------------------------------------------------------------------------
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_cos_sin(model, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (T, head_dim) for the given positions, from the model's own rotary_emb."""
+    rotary = model.model.rotary_emb
+    assert getattr(rotary, "attention_scaling", 1.0) == 1.0, "RoPE variants that scale attention are not supported"
+    probe = torch.zeros(1, dtype=torch.float32)
+    cos, sin = rotary(probe, positions.view(1, -1))  # (1, T, head_dim)
+    return cos[0], sin[0]
+
+
+def rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply RoPE to keys (..., T, head_dim): the key as if computed at those positions."""
+    return keys * cos + rotate_half(keys) * sin
+
+
+def unrotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Inverse of `rotate` (a rotation by the negative angle)."""
+    return keys * cos - rotate_half(keys) * sin
+
+
+# ---- encoding chunks -------------------------------------------------------------------------
+
+@torch.no_grad()
+def prefill(model, input_ids: list[int]) -> DynamicCache:
+    cache = DynamicCache()
+    model(input_ids=torch.tensor([input_ids]), past_key_values=cache, use_cache=True)
+    return cache
+
+
+def crop_to(cache: DynamicCache, length: int) -> None:
+    """Keep the first `length` positions of the cache."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)  # transformers 5.x: a negative count of tokens to remove
+
+
+def cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+@torch.no_grad()
+def encode_chunks(model, prefix: DynamicCache, chunks: list[list[int]]) -> list[np.ndarray]:
+    """Per-chunk (2, layers, kv_heads, T, head_dim) fp16 arrays: un-rotated keys, and values.
+
+    Chunks are run as one right-padded batch after the shared prefix: a causal model never
+    lets a real token see the padding that follows it, so no mask is needed.
+    """
+    if not chunks:
+        return []
+    P = prefix.get_seq_length()
+    T = max(len(c) for c in chunks)
+    ids = torch.zeros((len(chunks), T), dtype=torch.long)
+    for row, c in enumerate(chunks):
+        ids[row, :len(c)] = torch.tensor(c)
+    batch_prefix = DynamicCache(ddp_cache_data=[(k.expand(len(chunks), -1, -1, -1), v.expand(len(chunks), -1, -1, -1))
+                                                for k, v in cache_layers(prefix)])
+    positions = torch.arange(P, P + T)
+    model(input_ids=ids, past_key_values=batch_prefix, position_ids=positions.expand(len(chunks), -1), use_cache=True)
+    cos, sin = rope_cos_sin(model, positions)
+    keys = torch.stack([layer.keys[:, :, P:, :] for layer in batch_prefix.layers], dim=1)  # (B, L, H, T, D)
+    values = torch.stack([layer.values[:, :, P:, :] for layer in batch_prefix.layers], dim=1)
+    keys = unrotate(keys.float(), cos, sin)
+    out = torch.stack([keys, values.float()], dim=1).to(torch.float16).numpy()  # (B, 2, L, H, T, D)
+    return [out[row, :, :, :, :len(c), :] for row, c in enumerate(chunks)]
+
+
+# ---- the slot cache --------------------------------------------------------------------------
+
+@dataclass
+class SlotLayout:
+    prefix_len: int  # P
+    n_slots: int  # k
+    slot_len: int  # S
+
+    def slot_start(self, i: int) -> int:
+        return self.prefix_len + i * self.slot_len
+
+    @property
+    def memory_end(self) -> int:
+        return self.prefix_len + self.n_slots * self.slot_len
+
+
+class SlotCache:
+    """A DynamicCache whose first P + k*S positions are the prefix and k memory slots."""
+
+    def __init__(self, model, prefix: DynamicCache, layout: SlotLayout):
+        self.model, self.layout = model, layout
+        P, end = layout.prefix_len, layout.memory_end
+        layers = []
+        for k, v in cache_layers(prefix):
+            _, H, _, D = k.shape
+            keys = torch.zeros((1, H, end, D), dtype=k.dtype)
+            values = torch.zeros((1, H, end, D), dtype=v.dtype)
+            keys[:, :, :P], values[:, :, :P] = k, v
+            layers.append((keys, values))
+        self.cache = DynamicCache(ddp_cache_data=layers)
+        self.mask = torch.zeros(end, dtype=torch.long)  # 1 = attend, 0 = empty slot padding
+        self.mask[:P] = 1
+        self.slot_tokens = [0] * layout.n_slots  # how many real tokens each slot holds
+        cos, sin = rope_cos_sin(model, torch.arange(layout.memory_end))
+        self._cos, self._sin = cos, sin
+
+    def fill(self, i: int, kv: np.ndarray) -> None:
+        """Place one chunk's (2, L, H, T, D) memory in slot i, rotated to the slot's positions."""
+        kv = torch.from_numpy(np.asarray(kv, dtype=np.float32))
+        T = min(kv.shape[3], self.layout.slot_len)
+        a = self.layout.slot_start(i)
+        dtype = self.cache.layers[0].keys.dtype
+        keys = rotate(kv[0, :, :, :T], self._cos[a:a + T], self._sin[a:a + T]).to(dtype)  # (L, H, T, D)
+        values = kv[1, :, :, :T].to(dtype)
+        for layer_idx, layer in enumerate(self.cache.layers):
+            layer.keys[0, :, a:a + self.layout.slot_len] = 0
+            layer.values[0, :, a:a + self.layout.slot_len] = 0
+            layer.keys[0, :, a:a + T] = keys[layer_idx]
+            layer.values[0, :, a:a + T] = values[layer_idx]
+        self.mask[a:a + self.layout.slot_len] = 0
+        self.mask[a:a + T] = 1
+        self.slot_tokens[i] = T
+
+    def drop_local(self) -> None:
+        """Forget everything after the slots (question and generated tokens)."""
+        crop_to(self.cache, self.layout.memory_end)
+
+    @torch.no_grad()
+    def forward(self, input_ids: list[int], output_attentions: bool = False):
+        """Run new local tokens after whatever the cache holds; returns the model output."""
+        past = self.cache.get_seq_length()
+        n = len(input_ids)
+        offset = past - self.layout.memory_end  # local tokens so far
+        positions = torch.arange(self.layout.memory_end + offset, self.layout.memory_end + offset + n)
+        mask = torch.cat([self.mask, torch.ones(offset + n, dtype=torch.long)])
+        return self.model(
+            input_ids=torch.tensor([input_ids]), past_key_values=self.cache, position_ids=positions.view(1, -1),
+            attention_mask=mask.view(1, -1), use_cache=True, output_attentions=output_attentions,
+        )
+
+    def slot_spans(self) -> list[tuple[int, int]]:
+        return [(self.layout.slot_start(i), self.layout.slot_start(i) + t) for i, t in enumerate(self.slot_tokens)]
