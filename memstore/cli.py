@@ -146,6 +146,35 @@ def print_hits(hits: list[dict]) -> None:
 
 
 @main.command()
+@click.argument("question")
+@store_option
+@data_dir_option
+@click.option("--model", default=None, help="Model preset (smollm2-135m, qwen2.5-0.5b, qwen2.5-1.5b), HF folder or GGUF file.")
+@click.option("--mode", type=click.Choice(["memory", "rag", "truncate", "full"]), default="memory", show_default=True,
+              help="memory: retrieved chunks in KV-cache slots, refilled while decoding; rag: chunks pasted as text.")
+@click.option("-k", "k", default=4, show_default=True, help="Retrieved chunks (memory slots).")
+@click.option("--max-new-tokens", default=48, show_default=True, help="Longest answer, in tokens.")
+@click.option("--retrieve-every", default=1, show_default=True, help="Retrieve again every N decoding steps (0: only once).")
+@click.option("--filter", "filters", multiple=True, metavar="FIELD=VALUE", help="Restrict retrieval, as in `memstore search`.")
+@json_option
+@friendly_errors
+def ask(question, store, data_dir, model, mode, k, max_new_tokens, retrieve_every, filters, as_json):
+    """Answer QUESTION from the store with a language model, citing the chunks it used."""
+    with open_memory(store, data_dir) as mem:
+        stream = None if as_json else (lambda piece: click.echo(piece, nl=False))
+        answer = mem.ask(question, model=model, mode=mode, k=k, max_new_tokens=max_new_tokens,
+                         retrieve_every=retrieve_every, filters=parse_pairs(filters) or None, on_token=stream)
+    if as_json:
+        emit(answer.to_dict(), True)
+        return
+    click.echo()
+    for n, src in enumerate(answer.sources, 1):
+        click.echo(f"  [{n}] {src.source}:{src.char_start}-{src.char_end}  attention {src.attention:.2f}")
+    t = answer.timings
+    click.echo(f"  ({answer.mode}, {answer.model}: first token {t.get('ttft_s', 0):.2f}s, total {t['total_s']:.2f}s)")
+
+
+@main.command()
 @store_option
 @data_dir_option
 @click.option("--repair", is_flag=True, help="Rebuild the FAISS index from SQL and flag bad documents for re-ingest.")

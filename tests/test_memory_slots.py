@@ -1,0 +1,128 @@
+"""Memory slots on a real (tiny, randomly initialised) Llama: exact RoPE re-rotation, slots
+equal to the prompt they replace, refill during decoding, and KV files that follow their chunks."""
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from conftest import unit_vectors
+from memstore.kv import KVMemory
+from memstore.store import ChunkIn, DocumentIn, MemoryStore
+from model.generate import Decoder
+from model.memory import SlotCache, SlotLayout, encode_chunks, prefill, rope_cos_sin, rotate, unrotate
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         rope_theta=10000.0)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_rotation_by_delta_equals_rotation_at_p_plus_delta(tiny):
+    keys = torch.randn(2, 5, 7, 16)  # (layers, heads, tokens, head_dim)
+    p = torch.arange(100, 107)
+    cos_p, sin_p = rope_cos_sin(tiny, p)
+    cos_d, sin_d = rope_cos_sin(tiny, torch.full((7,), 913))
+    cos_pd, sin_pd = rope_cos_sin(tiny, p + 913)
+    twice = rotate(rotate(keys, cos_p, sin_p), cos_d, sin_d)
+    # float32 angles (as in the model itself) leave ~1e-5 relative error at positions near 1000
+    torch.testing.assert_close(twice, rotate(keys, cos_pd, sin_pd), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(unrotate(rotate(keys, cos_p, sin_p), cos_p, sin_p), keys, atol=1e-6, rtol=1e-6)
+
+
+def test_one_slot_is_the_prompt_it_replaces(tiny):
+    """A chunk encoded after the prefix and placed right after it gives the same logits as prefilling text."""
+    prefix, chunk, question = [1, 2, 3, 4], [10, 11, 12, 13, 14, 15], [20, 21, 22]
+    with torch.no_grad():
+        expected = tiny(input_ids=torch.tensor([prefix + chunk + question])).logits[0, -1]
+    prefix_cache = prefill(tiny, prefix)
+    [kv] = encode_chunks(tiny, prefix_cache, [chunk])
+    assert kv.shape == (2, 2, 2, len(chunk), 16) and kv.dtype == np.float16
+    slots = SlotCache(tiny, prefix_cache, SlotLayout(len(prefix), 1, len(chunk)))
+    slots.fill(0, kv)
+    got = slots.forward(question).logits[0, -1]
+    torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)  # fp16 storage of the memory
+
+
+def test_padding_in_a_slot_is_masked(tiny):
+    """A short chunk in a long slot reads like the chunk followed by a positional gap: padding is invisible."""
+    prefix, chunk, question = [1, 2, 3], [10, 11, 12], [20, 21]
+    prefix_cache = prefill(tiny, prefix)
+    [kv] = encode_chunks(tiny, prefix_cache, [chunk])
+    padded = SlotCache(tiny, prefix_cache, SlotLayout(3, 1, 8))
+    padded.fill(0, kv)
+    garbage = np.random.default_rng(0).standard_normal((2, 2, 2, 8, 16)).astype(np.float16)
+    other = SlotCache(tiny, prefix_cache, SlotLayout(3, 1, 8))
+    other.fill(0, garbage)
+    other.fill(0, kv)  # refilled: the old, longer content must be gone
+    torch.testing.assert_close(padded.forward(question).logits, other.forward(question).logits)
+
+
+class FakeTokenizer:
+    """Just enough of a tokenizer for the decoder: characters are tokens."""
+
+    eos_token_id = 0
+    unk_token_id = 1
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [2 + (ord(c) % 250) for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + i % 26) if i % 7 else " " for i in ids)
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+    def convert_tokens_to_ids(self, token):
+        return self.unk_token_id
+
+
+def test_refill_during_decoding_changes_the_slots(tiny):
+    tiny.generation_config.eos_token_id = None
+    decoder = Decoder(tiny, FakeTokenizer(), max_positions=2048, slot_len=16)
+    first = {"chunk_id": 1, "text": "alpha facts", "document_id": 1, "source": "a", "char_start": 0, "char_end": 11}
+    second = {"chunk_id": 2, "text": "beta facts", "document_id": 2, "source": "b", "char_start": 0, "char_end": 10}
+    queries = []
+
+    def retrieve(text):  # the question alone finds `first`; once the answer has words, `second`
+        queries.append(text)
+        return [first] if len(queries) == 1 else [second]
+
+    def kv_for(chunks, prefix_ids):
+        return decoder.encode([c["text"] for c in chunks], prefix_ids)
+
+    gen = decoder.memory("q?", retrieve, kv_for, k=1, max_new_tokens=24, retrieve_every=1)
+    assert gen.refills == 1 and [c["chunk_id"] for c in gen.chunks] == [2]
+    once = decoder.memory("q?", lambda text: [first], kv_for, k=1, max_new_tokens=24, retrieve_every=1)
+    assert once.refills == 0 and [c["chunk_id"] for c in once.chunks] == [1]
+    assert len(queries) > 2  # retrieval ran during decoding, not only before it
+
+
+def test_kv_entries_vanish_with_their_document(tmp_path):
+    with MemoryStore(tmp_path / "s") as store:
+        store.require_embedder("test", 8)
+        doc = DocumentIn("a.txt", "h", 1, 1.0, 20)
+        store.add_document(doc, [ChunkIn(0, 0, 10, "x", 1), ChunkIn(1, 10, 20, "y", 1)], unit_vectors(2, 8))
+        ids = [c["chunk_id"] for c in store.get_chunks(range(1, 10))]
+        kv = KVMemory(store.kv_dir, "some-model")
+        for cid in ids:
+            kv.put(cid, np.zeros((2, 1, 1, 3, 4), np.float16))
+        assert kv.get(ids[0]) is not None
+        store.delete_document("a.txt")
+        assert all(kv.get(cid) is None for cid in ids)
+        assert store.check()["orphan_kv_entries"] == 0
+
+
+def test_kv_budget_evicts_least_recently_used(tmp_path):
+    entry = np.zeros((2, 1, 1, 64, 8), np.float16)
+    kv = KVMemory(tmp_path, "m", budget_bytes=3 * (entry.nbytes + 200))
+    for cid in range(3):
+        kv.put(cid, entry)
+    import os
+    import time
+    os.utime(kv.path(1), (time.time() - 100, time.time() - 100))  # 1 is the stalest
+    kv.put(3, entry)
+    assert kv.get(1) is None and all(kv.get(c) is not None for c in (0, 2, 3))
