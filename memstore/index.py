@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,10 +25,11 @@ EXACT, HNSW = "flat", "hnsw"
 @dataclass
 class IndexConfig:
     kind: str = "auto"  # "auto", "flat" or "hnsw"
-    hnsw_threshold: int = 50_000  # auto switches to HNSW at this many vectors
+    # exact search costs ~0.1 ms per 1k vectors on 2 cores: past ~25k it is slower than 2 ms
+    hnsw_threshold: int = 25_000
     hnsw_m: int = 32
-    ef_construction: int = 80
-    ef_search: int = 96
+    ef_construction: int = 100
+    ef_search: int = 128  # recall@10 0.999 at 1M clustered vectors, 0.43 ms (bench/store_bench.py)
 
     def kind_for(self, n: int) -> str:
         if self.kind != "auto":
@@ -89,6 +91,12 @@ class VectorIndex:
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None):
         """Top-k by inner product. Returns (scores, ids), both (n_queries, k); missing hits have id -1."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if len(queries) == 1:  # one query gains nothing from threads, and loses a lot on a busy machine
+            with _omp_threads(1):
+                return self._search(queries, k, allowed)
+        return self._search(queries, k, allowed)
+
+    def _search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None):
         selectors = []  # faiss keeps raw pointers: hold the Python objects until the search is done
         if allowed is not None:
             selectors.append(faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64)))
@@ -102,7 +110,9 @@ class VectorIndex:
         elif selectors:
             sel = selectors[-1]
         if self.kind == HNSW:
-            params = faiss.SearchParametersHNSW(efSearch=max(self.config.ef_search, k))
+            # a filter hides part of the graph: widen the search in proportion (recall holds up)
+            kept = 1.0 if allowed is None else max(len(allowed) / max(1, self.faiss.ntotal), 1 / 16)
+            params = faiss.SearchParametersHNSW(efSearch=max(int(self.config.ef_search / kept), k))
             if sel is not None:
                 params.sel = sel
         else:
@@ -154,6 +164,16 @@ class VectorIndex:
                 f"cannot read index file {path} ({e}); run `memstore check --repair` to rebuild it from SQL"
             ) from e
         return index, header["generation"]
+
+
+@contextmanager
+def _omp_threads(n: int):
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def _fsync_dir(path: Path) -> None:
