@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from memstore.lexical import reciprocal_rank_fusion
 from model.memory import SlotCache, SlotLayout, crop_to, encode_chunks, prefill
 
 SYSTEM = "Answer the question with a short phrase taken from the documents."
@@ -118,7 +119,8 @@ class Decoder:
         timings: dict = {}
         parts = PromptParts(self.tokenizer, question)
         t = time.perf_counter()
-        chunks = retrieve(question)[:k]
+        first_ranking = retrieve(question)
+        chunks = first_ranking[:k]
         timings["retrieval_s"] = time.perf_counter() - t
         t = time.perf_counter()
         layout = SlotLayout(len(parts.prefix), max(1, len(chunks)), self.slot_len)
@@ -140,7 +142,9 @@ class Decoder:
                 return None
             last_query = query
             t = time.perf_counter()
-            ranked = retrieve(query)[:k]
+            # fused with the question's own ranking, so a half-written answer cannot push out
+            # the chunks the question needs; a new entity in the answer still pulls its chunk in
+            ranked = fuse_rankings(retrieve(query), first_ranking)[:k]
             timings["retrieval_s"] += time.perf_counter() - t
             new_ids = {c["chunk_id"] for c in ranked}
             if new_ids == {c["chunk_id"] for c in chunks}:
@@ -225,6 +229,13 @@ class Decoder:
         timings["tokens_per_s"] = (len(generated) - 1) / gen_time if len(generated) > 1 and gen_time > 0 else None
         text = self.tokenizer.decode(generated, skip_special_tokens=True).strip()
         return Generation(text, generated, chunks, attention, timings, refills)
+
+
+def fuse_rankings(*rankings: list[dict]) -> list[dict]:
+    """Reciprocal rank fusion of ranked chunk lists (by chunk id); ties go to the earlier list."""
+    by_id = {c["chunk_id"]: c for ranking in rankings for c in ranking}
+    fused = reciprocal_rank_fusion(*[[(c["chunk_id"], 0.0) for c in r] for r in rankings])
+    return [by_id[i] for i, _ in fused]
 
 
 class eager_attention:

@@ -87,7 +87,7 @@ def test_refill_during_decoding_changes_the_slots(tiny):
     second = {"chunk_id": 2, "text": "beta facts", "document_id": 2, "source": "b", "char_start": 0, "char_end": 10}
     queries = []
 
-    def retrieve(text):  # the question alone finds `first`; once the answer has words, `second`
+    def retrieve(text):  # the question alone finds `first`; once the answer has words, `second` first
         queries.append(text)
         return [first] if len(queries) == 1 else [second]
 

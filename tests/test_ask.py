@@ -1,0 +1,91 @@
+"""Question answering end to end with the smallest real model (SmolLM2-135M-Instruct)."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import memstore
+from memstore.cli import main
+from memstore.errors import MemstoreError
+
+FACTS = {
+    "freedonia.md": "# Freedonia\n\nThe capital of Freedonia is Zorbaville. Zorbaville sits on the river Quell "
+                    "and is known for its copper bridges.",
+    "staff.md": "# Staff\n\nIngrid Halvorsen's manager is Tobias Brennecke. Tobias joined the company in 2019 "
+                "and runs the logistics team.",
+    "weather.md": "# Weather\n\nThe rainy season in Freedonia lasts from March to May. Summers are dry and hot.",
+}
+
+
+@pytest.fixture(scope="module")
+def kb(tmp_path_factory):
+    docs = tmp_path_factory.mktemp("facts")
+    for name, text in FACTS.items():
+        (docs / name).write_text(text)
+    mem = memstore.open(tmp_path_factory.mktemp("kb") / "store")
+    mem.ingest(docs)
+    yield mem
+    mem.close()
+
+
+@pytest.mark.parametrize("question", ["What is the capital of Freedonia?", "Who is Ingrid Halvorsen's manager?"])
+def test_one_slot_memory_reproduces_rag(kb, question):
+    """With one chunk, the memory slot holds exactly what rag mode prefills: same answer."""
+    rag = kb.ask(question, mode="rag", k=1)
+    mem = kb.ask(question, mode="memory", k=1, retrieve_every=0)
+    assert mem.text == rag.text and mem.sources[0].chunk_id == rag.sources[0].chunk_id
+
+
+def test_memory_mode_answers_and_cites_the_source(kb):
+    answer = kb.ask("What is the capital of Freedonia?", mode="memory", k=2)  # refilled at every step
+    assert "Zorbaville" in answer.text
+    assert answer.sources[0].source.endswith("freedonia.md")  # the slot the answer attended to most
+    assert answer.timings["ttft_s"] > 0 and answer.model == "smollm2-135m"
+
+
+def test_streaming_pieces_add_up_to_the_answer(kb):
+    pieces = []
+    answer = kb.ask("What is the capital of Freedonia?", mode="memory", k=2, on_token=pieces.append)
+    assert "".join(pieces).strip() == answer.text and len(pieces) > 1
+
+
+def test_kv_memory_is_reused_and_dropped_with_the_document(kb):
+    kb.ask("When is the rainy season in Freedonia?", mode="memory", k=3)
+    kv_files = list(kb.store.kv_dir.glob("*/*.npy"))
+    assert len(kv_files) >= 3
+    before = {p: p.stat().st_mtime_ns for p in kv_files}
+    kb.ask("When is the rainy season in Freedonia?", mode="memory", k=3)
+    assert all(p.exists() for p in before)  # read back, not recomputed into new files
+    weather = next(d for d in kb.store.documents() if d["source"].endswith("weather.md"))
+    chunk_ids = [c["chunk_id"] for c in kb.store.get_chunks(range(1, 100)) if c["document_id"] == weather["id"]]
+    kb.delete(weather["id"])
+    assert not [p for p in kb.store.kv_dir.glob("*/*.npy") if int(p.stem) in chunk_ids]
+
+
+def test_whole_text_modes(kb):
+    assert "Zorbaville" in kb.ask("What is the capital of Freedonia?", mode="full").text
+    assert kb.ask("What is the capital of Freedonia?", mode="truncate").text
+
+
+def test_bad_questions(kb, tmp_path):
+    with pytest.raises(ValueError, match="unknown mode"):
+        kb.ask("x?", mode="psychic")
+    with pytest.raises(ValueError, match="question has"):
+        kb.ask("word " * 5000)
+    with memstore.open(tmp_path / "empty") as empty:
+        with pytest.raises(MemstoreError, match="store is empty"):
+            empty.ask("anything?")
+
+
+def test_cli_ask_json(kb):
+    result = CliRunner().invoke(main, ["ask", "Who is Ingrid Halvorsen's manager?", "--store", str(kb.store.dir),
+                                       "--json", "-k", "2"])
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output)
+    assert answer["mode"] == "memory" and answer["text"]
+    assert {s["source"].rsplit("/", 1)[-1] for s in answer["sources"]} >= {"staff.md"}
+
+
+def test_cli_unknown_model_is_a_clean_error(kb):
+    result = CliRunner().invoke(main, ["ask", "q?", "--store", str(kb.store.dir), "--model", "no-such-model"])
+    assert result.exit_code == 2 and "unknown model 'no-such-model'" in result.output

