@@ -12,8 +12,7 @@ from ingest.pipeline import Ingestor
 from memstore.errors import EmbedderMismatchError, MemstoreError
 from memstore.index import IndexConfig
 from memstore.store import DocumentIn, Hit, MemoryStore
-
-DEFAULT_MODEL = "smollm2-135m"
+from model.backbone import DEFAULT_MODEL
 
 
 class Memory:
