@@ -136,7 +136,7 @@ class Ingestor:
         summary.files_failed += len(problems)
         summary.failed += problems
         run_id = store.start_run()
-        store.checkpoint_seconds = 30.0
+        checkpoint, store.checkpoint_seconds = store.checkpoint_seconds, 30.0
         status = "interrupted"
         bar = _progress(len(files), self.progress)
         try:
@@ -156,7 +156,7 @@ class Ingestor:
         finally:
             bar.close()
             summary.seconds = round(time.perf_counter() - started, 3)
-            store.checkpoint_seconds = 0.0
+            store.checkpoint_seconds = checkpoint
             store.save_index()
             store.finish_run(run_id, status, {k: v for k, v in summary.to_dict().items() if not isinstance(v, list)})
         return summary

@@ -92,6 +92,7 @@ def test_crash_between_sql_commit_and_index_save_is_repaired_on_open(tmp_path, m
     saved = (target / "vectors.faiss").read_bytes()
 
     store = open_store(target)
+    store.checkpoint_seconds = 0  # save right after each commit: the crash hits in between
 
     def crash(*args, **kwargs):
         raise SystemExit("killed after the SQL commit, before the index was saved")

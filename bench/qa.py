@@ -1,0 +1,164 @@
+"""Long-document QA: SQuAD exact match and F1 per mode and model on newwiki_longdoc.
+
+All 48 documents go into one store (200-token chunks). For a fixed sample of questions
+(seed 0), each model answers in these modes:
+  closed    no documents at all (what the model knows by itself)
+  oracle    the chunk that holds the answer, pasted as text (the ceiling for retrieval)
+  truncate  the question's document cut to the model's native window
+  rag       the top-k retrieved chunks pasted as text
+  memory    the same chunks in memory slots of the KV cache, refilled while decoding
+Retrieval hit@k (the answer's char offset inside a retrieved chunk of the right document)
+shows how much of the gap to the oracle is retrieval's.
+
+    python bench/qa.py --models smollm2-135m --questions 200 --out bench/results/qa.json
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import random
+import re
+import string
+import time
+from pathlib import Path
+
+import memstore
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+MODES = ("closed", "oracle", "truncate", "rag", "memory")
+
+
+# ---- SQuAD scoring ---------------------------------------------------------------------------
+
+def normalize(text: str) -> str:
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def f1(prediction: str, truth: str) -> float:
+    pred, gold = normalize(prediction).split(), normalize(truth).split()
+    common = collections.Counter(pred) & collections.Counter(gold)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def score(prediction: str, answers: list[str]) -> tuple[float, float]:
+    em = max(float(normalize(prediction) == normalize(a)) for a in answers)
+    return em, max(f1(prediction, a) for a in answers)
+
+
+# ---- data and store --------------------------------------------------------------------------
+
+def load_jsonl(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def build_store(path: Path, docs: list[dict]) -> memstore.api.Memory:
+    mem = memstore.open(path)
+    known = {d["source"] for d in mem.store.documents()}
+    for doc in docs:
+        if doc["doc_id"] not in known:
+            mem.add_text(doc["text"], source=doc["doc_id"], title=doc["title"])
+    return mem
+
+
+def answer_chunk(mem, doc_id: int, answer_char: int) -> dict | None:
+    with mem.store.engine.connect() as conn:
+        from sqlalchemy import select
+
+        from memstore.schema import Chunk
+        row = conn.execute(select(Chunk.id).where(Chunk.document_id == doc_id, Chunk.char_start <= answer_char,
+                                                  Chunk.char_end > answer_char).order_by(Chunk.ordinal)).first()
+    return mem.store.get_chunks([row[0]])[0] if row else None
+
+
+# ---- one run ---------------------------------------------------------------------------------
+
+def run_model(mem, model: str, questions: list[dict], modes: list[str], k: int, retrieval: str,
+              max_new_tokens: int) -> dict:
+    answerer = mem._answerer(model)
+    docs = {d["source"]: d["id"] for d in mem.store.documents()}
+    rows = {m: [] for m in modes}
+    hits = []
+    for n, qa in enumerate(questions, 1):
+        doc_id = docs[qa["doc_id"]]
+        ranked = [h.to_dict() for h in mem.search(qa["question"], k=k, mode=retrieval)]
+        hits.append(any(h["document_id"] == doc_id and h["char_start"] <= qa["answer_char"] < h["char_end"]
+                        for h in ranked))
+        for mode in modes:
+            started = time.perf_counter()
+            if mode == "closed":
+                gen = answerer.decoder.prompt(qa["question"], [], max_new_tokens=max_new_tokens)
+            elif mode == "oracle":
+                chunk = answer_chunk(mem, doc_id, qa["answer_char"])
+                gen = answerer.decoder.prompt(qa["question"], [chunk] if chunk else [], max_new_tokens=max_new_tokens)
+            else:
+                ans = answerer.ask(qa["question"], lambda text: [h.to_dict() for h in mem.search(text, k=k, mode=retrieval)],
+                                   mode=mode, k=k, max_new_tokens=max_new_tokens,
+                                   document_text=lambda: mem.store.document_text(doc_id))
+                gen = ans
+            em, f = score(gen.text, qa["answers"])
+            rows[mode].append({"em": em, "f1": f, "seconds": time.perf_counter() - started,
+                               "ttft_s": gen.timings.get("ttft_s"), "text": gen.text})
+        if n % 10 == 0:
+            summary = {m: round(100 * sum(r["f1"] for r in rs) / len(rs), 1) for m, rs in rows.items()}
+            print(f"{model} {n}/{len(questions)} F1 {summary} load {os.getloadavg()[0]:.1f}", flush=True)
+    table = {}
+    for mode, rs in rows.items():
+        ttfts = [r["ttft_s"] for r in rs if r["ttft_s"] is not None]
+        table[mode] = {
+            "exact_match": round(100 * sum(r["em"] for r in rs) / len(rs), 1),
+            "f1": round(100 * sum(r["f1"] for r in rs) / len(rs), 1),
+            "seconds_per_answer": round(sum(r["seconds"] for r in rs) / len(rs), 3),
+            "ttft_s": round(sum(ttfts) / len(ttfts), 3) if ttfts else None,
+            "examples": [{"question": q["question"], "answers": q["answers"], "prediction": r["text"]}
+                         for q, r in list(zip(questions, rs))[:5]],
+        }
+    return {"model": model, "retrieval": retrieval, "k": k, f"retrieval_hit@{k}": round(sum(hits) / len(hits), 3),
+            "modes": table}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["smollm2-135m"])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--questions", type=int, default=200)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--retrieval", default="hybrid", choices=["hybrid", "dense", "lexical"])
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--store", type=Path, default=Path("bench/data/newwiki-store"))
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/qa.json"))
+    args = parser.parse_args()
+
+    docs = load_jsonl(args.data / "newwiki_longdoc.docs.jsonl")
+    qas = load_jsonl(args.data / "newwiki_longdoc.qas.jsonl")
+    questions = random.Random(0).sample(qas, args.questions)
+    args.store.parent.mkdir(parents=True, exist_ok=True)
+    with build_store(args.store, docs) as mem:
+        runs = [run_model(mem, m, questions, args.modes, args.k, args.retrieval, args.max_new_tokens)
+                for m in args.models]
+        stats = mem.stats()
+    report = {"benchmark": "qa", "date": time.strftime("%Y-%m-%d %H:%M"), "questions": args.questions,
+              "documents": stats["documents"], "chunks": stats["chunks"], "tokens": stats["tokens"],
+              "cpus": os.cpu_count(), "load_average_end": os.getloadavg()[0], "runs": runs}
+    if args.out.exists():  # keep other models' / retrieval settings' runs
+        fresh = {(r["model"], r["retrieval"]) for r in runs}
+        old = [r for r in json.loads(args.out.read_text()).get("runs", []) if (r["model"], r["retrieval"]) not in fresh]
+        report["runs"] = old + runs
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    for run in runs:
+        print(run["model"], run["retrieval"], {m: (t["exact_match"], t["f1"], t["seconds_per_answer"])
+                                               for m, t in run["modes"].items()}, f"hit@{run['k']}", run[f"retrieval_hit@{run['k']}"])
+
+
+if __name__ == "__main__":
+    main()
