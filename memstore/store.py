@@ -404,7 +404,7 @@ class MemoryStore:
     # ---- reading -------------------------------------------------------------------------
 
     def search(self, vector: np.ndarray | None = None, k: int = 10, filters: dict | None = None, *,
-               query: str | None = None, mode: str | None = None, fusion: str = "rrf") -> list[Hit]:
+               query: str | None = None, mode: str | None = None, fusion: str = "weighted") -> list[Hit]:
         """Top-k chunks for a query vector (dense), query text (lexical) or both (hybrid, fused).
 
         `mode` defaults to hybrid when both are given. `filters` restrict both sides before
