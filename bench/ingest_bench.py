@@ -84,20 +84,21 @@ class Timed:
     """Wraps a callable, summing its wall time and counting calls (and items, for lists)."""
 
     def __init__(self, fn):
-        self.fn, self.seconds, self.calls, self.items = fn, 0.0, 0, 0
+        self.fn, self.seconds, self.cpu, self.calls, self.items = fn, 0.0, 0.0, 0, 0
 
     def __call__(self, *args, **kwargs):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         try:
             return self.fn(*args, **kwargs)
         finally:
             self.seconds += time.perf_counter() - t
+            self.cpu += time.process_time() - c
             self.calls += 1
             if args and isinstance(args[0], list):
                 self.items += len(args[0])
 
     def report(self) -> dict:
-        out = {"seconds": round(self.seconds, 3), "calls": self.calls}
+        out = {"seconds": round(self.seconds, 3), "cpu_seconds": round(self.cpu, 3), "calls": self.calls}
         if self.items:
             out["items"] = self.items
             out["mean_items_per_call"] = round(self.items / max(1, self.calls), 1)
@@ -112,6 +113,18 @@ def rates(seconds: float, files: int | None, chunks: int, tokens: int) -> dict:
     out["chunks_per_s"] = round(chunks / s, 2)
     out["tokens_per_s"] = round(tokens / s, 1)
     return out
+
+
+def phase(fn, *args):
+    """Run fn(*args); returns (result, {wall, process cpu seconds, load average before/after}).
+
+    The machine may be shared: cpu_seconds / wall shows how many cores this process got."""
+    load0, t, c = os.getloadavg()[0], time.perf_counter(), time.process_time()
+    out = fn(*args)
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    return out, {"wall_seconds": round(wall, 3), "cpu_seconds": round(cpu, 3),
+                 "cores_used": round(cpu / max(wall, 1e-9), 2),
+                 "loadavg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)]}
 
 
 def pct(values: list[int], q: float) -> int:
@@ -182,12 +195,11 @@ def run_load_chunk(emb, files: list[Path], size: int, overlap: int) -> dict:
 def run_raw(emb, texts: list[str], tokens: int, warmup: int) -> dict:
     for _ in range(2):
         emb.encode(texts[:warmup])
-    t = time.perf_counter()
-    vectors = emb.encode(texts)
-    seconds = time.perf_counter() - t
-    assert len(vectors) == len(texts)
+    encode = Timed(emb.encode)
+    assert len(encode(texts)) == len(texts)
     return {"chunks": len(texts), "tokens": tokens, "batch_size": emb.batch_size,
-            "warmup_chunks": min(warmup, len(texts)), **rates(seconds, None, len(texts), tokens)}
+            "warmup_chunks": min(warmup, len(texts)), **rates(encode.seconds, None, len(texts), tokens),
+            "cpu_seconds": round(encode.cpu, 3), "chunks_per_cpu_s": round(len(texts) / max(encode.cpu, 1e-9), 3)}
 
 
 def store_stats(store_dir: Path, size: int, per_file_chunker: dict[str, int]) -> tuple[dict, list[str], int]:
@@ -206,7 +218,8 @@ def store_stats(store_dir: Path, size: int, per_file_chunker: dict[str, int]) ->
         "documents": len(per_doc),
         "chunks": len(texts),
         "chunk_tokens": {"min": min(toks), "p50": pct(toks, 0.5), "mean": round(statistics.mean(toks), 1),
-                         "p95": pct(toks, 0.95), "max": max(toks), "over_chunk_size": sum(t > size for t in toks)},
+                         "p95": pct(toks, 0.95), "max": max(toks), "over_chunk_size": sum(t > size for t in toks),
+                         "under_16": sum(t < 16 for t in toks)},
         "chunk_chars": {"p50": pct([len(t) for t in texts], 0.5), "max": max(len(t) for t in texts)},
         "chunks_per_document": {"min": counts[-1][1], "p50": pct([c for _, c in counts], 0.5), "max": counts[0][1],
                                 "largest": [{"path": p, "chunks": c} for p, c in counts[:5]],
@@ -244,6 +257,7 @@ def main() -> None:
     args = ap.parse_args()
 
     corpus = html_root(args.corpus.resolve()) if args.corpus else fetch_corpus(args.cache.resolve())
+    source = corpus
     work = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
     try:
         files, _ = discover([corpus], GLOB)
@@ -259,16 +273,18 @@ def main() -> None:
 
         print("pipeline ...", flush=True)
         store_dir = work / "store"
-        pipeline = run_pipeline(emb, corpus, store_dir, args.chunk_size, args.overlap)
+        pipeline, pipeline["contention"] = phase(run_pipeline, emb, corpus, store_dir, args.chunk_size, args.overlap)
         print(json.dumps({k: v for k, v in pipeline.items() if k != "summary"}), flush=True)
 
         print("load + chunk alone ...", flush=True)
-        load_chunk, per_file = run_load_chunk(emb, files, args.chunk_size, args.overlap)
+        (load_chunk, per_file), contention = phase(run_load_chunk, emb, files, args.chunk_size, args.overlap)
+        load_chunk["contention"] = contention
         print(json.dumps(load_chunk), flush=True)
 
         stats, texts, tokens = store_stats(store_dir, args.chunk_size, per_file)
         print(f"raw embedder on {len(texts)} chunks ...", flush=True)
-        raw = run_raw(emb, texts, tokens, args.warmup)
+        raw, contention = phase(run_raw, emb, texts, tokens, args.warmup)
+        raw["contention"] = contention  # includes the warm-up
         print(json.dumps(raw), flush=True)
 
         encode_s = pipeline["time_in"]["embedder_encode"]["seconds"]
@@ -278,7 +294,7 @@ def main() -> None:
             "machine": machine(),
             "embedder": {"name": emb.name, "dim": emb.dim, "max_tokens": emb.max_tokens,
                          "batch_size": emb.batch_size, "load_seconds": round(load_embedder_s, 2)},
-            "corpus": {"path": str(args.corpus or corpus), "root": str(corpus), "glob": GLOB,
+            "corpus": {"root": str(source), "ingested_from": str(corpus), "glob": GLOB,
                        "limit": args.limit, "files": len(files),
                        "bytes": sum(f.stat().st_size for f in files)},
             "chunker": {"size": args.chunk_size, "overlap": args.overlap},
@@ -287,6 +303,9 @@ def main() -> None:
             "raw_embedder": raw,
             "ratio_pipeline_to_raw_chunks_per_s": round(pipeline["chunks_per_s"] / raw["chunks_per_s"], 3),
             "target_ratio": 0.9,
+            # chunks per process-cpu-second, pipeline / raw: steadier than wall time on a shared machine
+            "ratio_cpu_basis": round(pipeline["summary"]["chunks_added"] / pipeline["contention"]["cpu_seconds"]
+                                     / raw["chunks_per_cpu_s"], 3),
             "breakdown_share_of_pipeline_wall": {
                 "embedder_encode": round(encode_s / wall, 3),
                 "load_and_chunk (measured alone)": round((load_chunk["load_seconds"] + load_chunk["chunk_seconds"]) / wall, 3),
