@@ -130,3 +130,27 @@ def test_kill_9_during_ingest_then_rerun_equals_uninterrupted_run(corpus, tmp_pa
     np.testing.assert_allclose(ref_vecs, got_vecs, atol=1e-4)
     check = run_cli("check", "--store", str(killed), "--json")
     assert check.returncode == 0 and json.loads(check.stdout)["consistent"]
+
+
+def test_a_large_document_is_streamed_batch_by_batch(tmp_path, monkeypatch):
+    """Past STREAM_AFTER chunks a document is embedded and written in batches inside one
+    transaction, and past PENDING_LIMIT its vectors reach FAISS from SQL, not from memory."""
+    from ingest import pipeline
+    from memstore import store as store_module
+
+    monkeypatch.setattr(pipeline, "STREAM_AFTER", 4)
+    monkeypatch.setattr(pipeline, "EMBED_BUFFER", 2)
+    monkeypatch.setattr(store_module, "PENDING_LIMIT", 5)
+    big = tmp_path / "big.txt"
+    paragraphs = [f"Paragraph {i} is about the {w} harbour, its ships and its lighthouse keeper number {i}."
+                  for i, w in enumerate(["northern", "southern", "eastern", "western"] * 15)]
+    big.write_text("\n\n".join(paragraphs) + "\n")
+    with memstore.open(tmp_path / "kb") as mem:
+        summary = mem.ingest(big, chunk_size=40, overlap=0)
+        assert summary["files_ingested"] == 1 and summary["chunks_added"] > 8
+        assert mem.check()["consistent"]
+        assert mem.stats()["index_vectors"] == summary["chunks_added"]
+        text = big.read_text()
+        for hit in mem.search("lighthouse keeper number 37", k=3):
+            assert text[hit.char_start:hit.char_end] == hit.text
+        assert "37" in mem.search("lighthouse keeper number 37", k=1, mode="lexical")[0].text
