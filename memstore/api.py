@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -13,6 +14,7 @@ from memstore.errors import EmbedderMismatchError, MemstoreError
 from memstore.index import IndexConfig
 from memstore.store import DocumentIn, Hit, MemoryStore
 from model.backbone import DEFAULT_MODEL
+from model.generate import PromptParts
 
 
 class Memory:
@@ -100,12 +102,26 @@ class Memory:
         return answerer.ask(question, retrieve, mode=mode, k=k, max_new_tokens=max_new_tokens,
                             retrieve_every=retrieve_every, document_text=whole_text, on_token=on_token)
 
-    def _answerer(self, model: str):
+    def build_kv(self, model: str | None = None, *, budget_gib: float = 4.0, progress: bool | None = False) -> dict:
+        """Compute the KV memory of every chunk for `model` now, instead of on first retrieval."""
+        from tqdm import tqdm
+
+        answerer = self._answerer(model or DEFAULT_MODEL, budget_gib)
+        chunks = self.store.all_chunks()
+        started = time.perf_counter()
+        with tqdm(total=len(chunks), unit="chunk", desc="kv", disable=not progress) as bar:
+            encoded = answerer.precompute(chunks, progress=bar.update)
+        kv = answerer.kv_memory(PromptParts(answerer.backbone.tokenizer, "").prefix)
+        return {"model": answerer.backbone.name, "chunks": len(chunks), "encoded": encoded,
+                "kv_bytes": kv.nbytes(), "seconds": round(time.perf_counter() - started, 2)}
+
+    def _answerer(self, model: str, budget_gib: float = 4.0):
         from model.answer import Answerer
         from model.backbone import load_backbone
 
         if model not in self._answerers:
             self._answerers[model] = Answerer(load_backbone(model), self.store.kv_dir)
+        self._answerers[model].kv_budget_bytes = int(budget_gib * 2**30)
         return self._answerers[model]
 
     def delete(self, source_or_id: str | int) -> bool:

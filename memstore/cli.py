@@ -77,10 +77,14 @@ def main():
 @click.option("--prune", is_flag=True, help="Remove documents whose files are gone from the given paths.")
 @click.option("--embedder", default=None, help="all-MiniLM-L6-v2 (default) or a local sentence-transformers folder.")
 @click.option("--meta", multiple=True, metavar="KEY=VALUE", help="User metadata for every document of this run (repeatable).")
+@click.option("--kv", is_flag=True, help="Also compute every chunk's KV memory for --model now (else lazily at ask time).")
+@click.option("--model", default=None, help="Model for --kv (default: smollm2-135m).")
+@click.option("--kv-budget", default=4.0, show_default=True, help="Largest KV memory on disk, GiB.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
 @json_option
 @friendly_errors
-def ingest(paths, store, data_dir, glob, chunk_size, overlap, prune, embedder, meta, progress, as_json):
+def ingest(paths, store, data_dir, glob, chunk_size, overlap, prune, embedder, meta, kv, model, kv_budget,
+           progress, as_json):
     """Ingest files and directories (txt, md, rst, html, pdf) into the store.
 
     Unchanged files are skipped; changed files are replaced; a killed run resumes.
@@ -89,6 +93,9 @@ def ingest(paths, store, data_dir, glob, chunk_size, overlap, prune, embedder, m
     with open_memory(store, data_dir, create=True, embedder=embedder) as mem:
         summary = mem.ingest(list(paths), glob=glob, chunk_size=chunk_size, overlap=overlap,
                              prune=prune, meta=parse_pairs(meta), progress=progress)
+        if kv:
+            show = sys.stderr.isatty() if progress is None else progress
+            summary["kv"] = mem.build_kv(model, budget_gib=kv_budget, progress=show)
     emit(summary, as_json, print_ingest_summary)
     if summary["files_failed"]:
         sys.exit(1)
@@ -100,6 +107,10 @@ def print_ingest_summary(s: dict) -> None:
         f"{s['files_failed']} failed; {s['chunks_added']} chunks added, {s['chunks_removed']} removed, "
         f"{s['documents_removed']} documents removed in {s['seconds']:.1f}s"
     )
+    if "kv" in s:
+        kv = s["kv"]
+        click.echo(f"KV memory ({kv['model']}): {kv['encoded']} chunks encoded, {kv['kv_bytes'] / 2**20:.0f} MiB "
+                   f"on disk, in {kv['seconds']:.1f}s")
     for item in s["skipped"]:
         click.echo(f"  skipped {item['path']}: {item['reason']}")
     for item in s["failed"]:

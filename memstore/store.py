@@ -494,6 +494,12 @@ class MemoryStore:
         by_id = {r["chunk_id"]: dict(r) for r in rows}
         return [by_id[i] for i in ids if i in by_id]
 
+    def all_chunks(self) -> list[dict]:
+        """Every chunk's id, document id, text and token count, in id order."""
+        cols = (Chunk.id.label("chunk_id"), Chunk.document_id, Chunk.text, Chunk.token_count)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(select(*cols).order_by(Chunk.id)).mappings()]
+
     def documents(self) -> list[dict]:
         cols = (Document.id, Document.source, Document.content_hash, Document.size, Document.mtime,
                 Document.title, Document.char_count, Document.meta)

@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 
 from memstore.kv import KVMemory
-from model.generate import Decoder, Generation
+from model.generate import Decoder, Generation, PromptParts
 
 MODES = ("memory", "rag", "truncate", "full")
 
@@ -71,6 +71,26 @@ class Answerer:
                 store.put(chunks[i]["chunk_id"], kv)
                 found[i] = kv
         return found
+
+    def precompute(self, chunks: list[dict], batch: int = 8, progress=None) -> int:
+        """Encode the memory of chunks that have none yet; returns how many were encoded.
+
+        Refuses (before any work) when the memory would not fit the KV byte budget.
+        """
+        prefix = PromptParts(self.backbone.tokenizer, "").prefix  # the prefix does not depend on the question
+        kv = self.kv_memory(prefix)
+        todo = [c for c in chunks if not kv.path(c["chunk_id"]).exists()]
+        per_token = 2 * self.backbone.n_layers * self.backbone.n_kv_heads * self.backbone.head_dim * 2  # fp16 K+V
+        need = kv.nbytes() + per_token * sum(min(c["token_count"] + 4, self.decoder.slot_len) for c in todo)
+        if need > self.kv_budget_bytes:
+            raise ValueError(f"KV memory for {len(chunks)} chunks needs about {need / 2**30:.1f} GiB with "
+                             f"{self.backbone.name}, over the {self.kv_budget_bytes / 2**30:.1f} GiB budget; "
+                             "raise --kv-budget or let memory mode encode chunks lazily")
+        for start in range(0, len(todo), batch):
+            self.kv_for(todo[start:start + batch], prefix)
+            if progress:
+                progress(min(batch, len(todo) - start))
+        return len(todo)
 
     def ask(self, question: str, retrieve: Callable[[str], list[dict]], *, mode: str = "memory", k: int = 4,
             max_new_tokens: int = 32, retrieve_every: int = 1, document_text: Callable[[], str] | None = None,

@@ -89,3 +89,21 @@ def test_cli_ask_json(kb):
 def test_cli_unknown_model_is_a_clean_error(kb):
     result = CliRunner().invoke(main, ["ask", "q?", "--store", str(kb.store.dir), "--model", "no-such-model"])
     assert result.exit_code == 2 and "unknown model 'no-such-model'" in result.output
+
+
+def test_ingest_kv_precomputes_the_memory(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "freedonia.md").write_text(FACTS["freedonia.md"])
+    runner = CliRunner()
+    refused = runner.invoke(main, ["ingest", str(docs), "--store", str(tmp_path / "kb"), "--kv", "--kv-budget", "0.0001"])
+    assert refused.exit_code == 2 and "over the 0.0 GiB budget" in refused.output
+    result = runner.invoke(main, ["ingest", str(docs), "--store", str(tmp_path / "kb"), "--kv", "--json"])
+    assert result.exit_code == 0, result.output
+    kv = json.loads(result.output)["kv"]
+    assert kv["encoded"] == kv["chunks"] >= 1 and kv["kv_bytes"] > 0
+    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "kb" / "kv").glob("*/*.npy")}
+    with memstore.open(tmp_path / "kb") as mem:
+        answer = mem.ask("What is the capital of Freedonia?", k=1, retrieve_every=0)
+    assert "Zorbaville" in answer.text
+    assert set((tmp_path / "kb" / "kv").glob("*/*.npy")) == set(files)  # ask used the precomputed memory
