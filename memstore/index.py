@@ -121,9 +121,6 @@ class VectorIndex:
         scores, ids = self.faiss.search(queries, k_eff, params=params)
         return scores, ids
 
-    def vectors(self, ids: np.ndarray) -> np.ndarray:
-        return np.vstack([self.faiss.reconstruct(int(i)) for i in ids]) if len(ids) else np.zeros((0, self.dim), np.float32)
-
     def save(self, path: Path, generation: int) -> None:
         """Write to a temporary file, fsync, then rename over `path`: a crash leaves the old file whole."""
         header = json.dumps(
