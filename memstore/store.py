@@ -551,10 +551,7 @@ class MemoryStore:
         """Verify SQL and FAISS agree and every chunk's span lies inside its document."""
         with self.engine.connect() as conn:
             sql_ids = np.fromiter(conn.execute(select(Chunk.id)).scalars(), np.int64)
-            bad_spans = conn.execute(
-                select(Chunk.id).join(Document).where(
-                    (Chunk.char_start < 0) | (Chunk.char_end > Document.char_count) | (Chunk.char_start >= Chunk.char_end)
-                )).scalars().all()
+            bad_spans = conn.execute(select(Chunk.id).join(Document).where(_BAD_SPAN)).scalars().all()
             sql_generation = self._generation(conn)
             lexical_error = lexical.integrity_error(conn)
         orphan_kv = sorted(kv.stored_chunk_ids(self.kv_dir) - set(sql_ids.tolist()))
@@ -585,17 +582,14 @@ class MemoryStore:
 
     def repair(self) -> dict:
         """Rebuild the FAISS and lexical indexes from SQL; mark documents with bad chunk spans for re-ingest."""
-        bad_spans = self.check()["bad_spans"]
         n = self.rebuild_index()
         with self.engine.begin() as conn:
             lexical.rebuild(conn)
             sql_ids = set(conn.execute(select(Chunk.id)).scalars())
-        kv.drop_chunks(self.kv_dir, kv.stored_chunk_ids(self.kv_dir) - sql_ids)
-        doc_ids = set()
-        if bad_spans:
-            with self.engine.begin() as conn:
-                doc_ids = set(conn.execute(select(Chunk.document_id).where(Chunk.id.in_(bad_spans))).scalars())
+            doc_ids = set(conn.execute(select(Chunk.document_id).join(Document).where(_BAD_SPAN)).scalars())
+            if doc_ids:
                 conn.execute(update(Document).where(Document.id.in_(doc_ids)).values(content_hash="", mtime=-1.0))
+        kv.drop_chunks(self.kv_dir, kv.stored_chunk_ids(self.kv_dir) - sql_ids)
         self.save_index()
         return {"rebuilt_vectors": n, "documents_marked_for_reingest": len(doc_ids)}
 
@@ -629,6 +623,10 @@ class MemoryStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# a chunk whose char span does not lie inside its document's text
+_BAD_SPAN = (Chunk.char_start < 0) | (Chunk.char_end > Document.char_count) | (Chunk.char_start >= Chunk.char_end)
 
 
 def _filter_predicate(key: str, value):
