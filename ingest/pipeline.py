@@ -50,6 +50,7 @@ class IngestSummary:
 class _Pending:
     doc: DocumentIn
     chunks: list[ChunkIn]
+    replaced: int  # chunks of the stored version this document replaces
 
 
 def discover(paths: Iterable[str | Path], glob: str | None, exclude: Path | None = None):
@@ -185,6 +186,7 @@ class Ingestor:
             chunker = Chunker(self.embedder.tokenizer, self.config)
             chunks = chunker.chunks(loaded.blocks)
             head = _take(chunks, STREAM_AFTER)
+            replaced = self._chunks_of(known)  # counted before the new version replaces it
             if len(head) < STREAM_AFTER:
                 doc.char_count = chunker.char_count
                 if not head:
@@ -192,10 +194,11 @@ class Ingestor:
                     if known:
                         self._delete(source)
                     return
-                self._pending.append(_Pending(doc, head))
+                self._pending.append(_Pending(doc, head, replaced))
             else:
                 self._flush()
                 self._stream_document(doc, chunker, head, chunks)
+                self.summary.chunks_removed += replaced
             self.summary.files_ingested += 1
         except Unsupported as e:
             self._skip(source, str(e))
@@ -228,9 +231,8 @@ class Ingestor:
         vectors = self.embedder.encode(texts)
         start = 0
         for p in self._pending:
-            removed_before = self._chunk_count(p.doc.source)
             self.store.add_document(p.doc, p.chunks, vectors[start:start + len(p.chunks)])
-            self.summary.chunks_removed += removed_before
+            self.summary.chunks_removed += p.replaced
             self._count_added(p.chunks)
             start += len(p.chunks)
         self._pending.clear()
@@ -239,8 +241,7 @@ class Ingestor:
         self.summary.chunks_added += len(chunks)
         self.summary.tokens_added += sum(c.token_count for c in chunks)
 
-    def _chunk_count(self, source: str) -> int:
-        known = self.store.document(source)
+    def _chunks_of(self, known: dict | None) -> int:
         return self.store.chunk_count(known["id"]) if known else 0
 
     def _pending_chunks(self) -> int:
@@ -255,7 +256,7 @@ class Ingestor:
         self.summary.failed.append({"path": source, "reason": reason})
 
     def _delete(self, source: str) -> None:
-        self.summary.chunks_removed += self._chunk_count(source)
+        self.summary.chunks_removed += self._chunks_of(self.store.document(source))
         if self.store.delete_document(source):
             self.summary.documents_removed += 1
 

@@ -131,10 +131,9 @@ class Answerer:
         if mode == "full" and len(ids) > budget:
             raise ValueError(f"the documents have {len(ids)} tokens but the window holds {budget}; "
                              "use mode 'memory' or 'rag', or 'truncate'")
-        ids = ids[:budget]
+        kept = tok.decode(ids[:budget])
         context = {"chunk_id": -1, "document_id": -1, "source": "(whole text)", "title": None, "char_start": 0,
-                   "char_end": len(tok.decode(ids)), "heading_path": "", "text": tok.decode(ids),
-                   "token_limit": budget}
+                   "char_end": len(kept), "heading_path": "", "text": kept, "token_limit": budget}
         return self.decoder.prompt(question, [context], max_new_tokens=max_new_tokens, on_token=on_token,
                                    started=started)
 
