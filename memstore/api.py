@@ -102,6 +102,10 @@ class Memory:
         return answerer.ask(question, retrieve, mode=mode, k=k, max_new_tokens=max_new_tokens,
                             retrieve_every=retrieve_every, document_text=whole_text, on_token=on_token)
 
+    def load_model(self, model: str | None = None) -> str:
+        """Load (and on first use fetch and convert) a model now; returns its name."""
+        return self._answerer(model or DEFAULT_MODEL).backbone.name
+
     def build_kv(self, model: str | None = None, *, budget_gib: float = 4.0, progress: bool | None = False) -> dict:
         """Compute the KV memory of every chunk for `model` now, instead of on first retrieval."""
         from tqdm import tqdm

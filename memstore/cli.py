@@ -226,6 +226,91 @@ def stats(store, data_dir, as_json):
         emit(mem.stats(), as_json, lambda s: [click.echo(f"{k}: {v}") for k, v in s.items()])
 
 
+host_option = click.option("--host", default="127.0.0.1", show_default=True,
+                           help="Interface to listen on (0.0.0.0 exposes the store to your network).")
+port_option = click.option("--port", default=8000, show_default=True, help="TCP port.")
+model_option = click.option("--model", default=None,
+                            help="Default model preset for answers (default: smollm2-135m); loaded before serving.")
+
+
+@main.command()
+@store_option
+@data_dir_option
+@host_option
+@port_option
+@model_option
+@friendly_errors
+def serve(store, data_dir, host, port, model):
+    """Serve the HTTP API and the question page over a store.
+
+    POST /ask (and /ask/stream), GET /search, /stats, /documents/{id}; OpenAPI docs at /docs.
+    """
+    with open_memory(store, data_dir) as mem:
+        run_server(mem, host, port, model)
+
+
+@main.command()
+@click.option("--store", default=None, help="Where the demo store lives (default: ~/.cache/memstore/demo/CORPUS).")
+@click.option("--corpus", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Use this directory of documents instead of the SQLite manual.")
+@click.option("--no-fetch", is_flag=True, help="Do not try `apt-get download sqlite3-doc`; use the bundled pages.")
+@click.option("--build-only", is_flag=True, help="Build (or update) the demo store, print its summary and exit.")
+@host_option
+@port_option
+@model_option
+@friendly_errors
+def demo(store, corpus, no_fetch, build_only, host, port, model):
+    """Question answering over the SQLite manual, in your browser.
+
+    Fetches Debian's sqlite3-doc once (public domain; falls back to the pages bundled with
+    memstore when it cannot), ingests it into a cached store (a second start reuses it), then
+    serves the question page on http://HOST:PORT.
+    """
+    from memstore import demo as demomod
+
+    say = functools.partial(click.echo, err=True)
+    if corpus:
+        found = demomod.Corpus(os.path.basename(os.path.abspath(corpus)), [corpus], corpus)
+    else:
+        found = demomod.demo_corpus(fetch=not no_fetch, say=say)
+    store = store or str(demomod.cache_dir() / "demo" / found.name)
+    say(f"corpus: {found.note}\nstore: {store}")
+    if not build_only:
+        check_port_free(host, port)
+    with open_memory(store, None, create=True) as mem:
+        summary = mem.ingest(found.files, progress=sys.stderr.isatty())
+        print_ingest_summary(summary)
+        if build_only:
+            return
+        title = "memstore · ask the SQLite manual" if found.name.startswith("sqlite") else f"memstore · {found.name}"
+        examples = demomod.EXAMPLE_QUESTIONS if found.name.startswith("sqlite") else []
+        run_server(mem, host, port, model, title=title, examples=examples)
+
+
+def check_port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise Fail(f"cannot listen on {host}:{port} ({e.strerror}); pass another --port") from None
+
+
+def run_server(mem, host: str, port: int, model: str | None, **app_options) -> None:
+    import uvicorn
+
+    from memstore.server import create_app
+
+    check_port_free(host, port)
+    say = functools.partial(click.echo, err=True)
+    name = mem.load_model(model)
+    say(f"model {name} ready")
+    app = create_app(mem, default_model=name, **app_options)
+    say(f"serving on http://{host}:{port}  (API docs: http://{host}:{port}/docs; Ctrl-C stops)")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
 @main.group()
 def db():
     """Schema migrations of a store's SQL database."""

@@ -512,6 +512,15 @@ class MemoryStore:
                                .where(Document.source == source)).mappings().first()
         return dict(row) if row else None
 
+    def document_info(self, document_id: int) -> dict:
+        """One document's row and chunk count; MemstoreError when there is no such document."""
+        cols = (Document.id, Document.source, Document.title, Document.char_count, Document.size, Document.meta)
+        with self.engine.connect() as conn:
+            row = conn.execute(select(*cols).where(Document.id == document_id)).mappings().first()
+        if row is None:
+            raise MemstoreError(f"no document with id {document_id}")
+        return {**row, "chunks": self.chunk_count(document_id)}
+
     def document_text(self, document_id: int) -> str:
         """The document's text rebuilt from its chunks (whitespace between chunks becomes spaces)."""
         with self.engine.connect() as conn:

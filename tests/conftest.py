@@ -8,8 +8,7 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-DATA = Path(__file__).parent / "data"
-SQLITE_DOC = DATA / "sqlite_doc"
+SQLITE_DOC = Path(__file__).resolve().parents[1] / "memstore" / "data" / "sqlite_doc"
 PG_ADMIN_URL = os.environ.get("MEMSTORE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 

@@ -1,0 +1,211 @@
+"""The HTTP API (FastAPI) and the demo page, over one Memory.
+
+One lock serialises the store and the model: the model is a single CPU forward pass at a
+time anyway, and the FAISS handle and the SQLite connection pool are not shared safely
+between concurrent writers.
+"""
+from __future__ import annotations
+
+import html
+import json
+import logging
+import queue
+import threading
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ingest.embed import EmbedderNotFound
+from memstore.api import Memory
+from memstore.errors import MemstoreError
+
+log = logging.getLogger("memstore.server")
+
+STATIC = Path(__file__).parent / "static"
+MAX_BODY_BYTES = 64 * 1024
+MAX_QUESTION_CHARS = 2000
+USER_ERRORS = (MemstoreError, EmbedderNotFound, ValueError)
+
+
+class AskRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS, description="The question to answer.")
+    mode: Literal["memory", "rag", "truncate", "full"] = Field(
+        "memory", description="memory: retrieved chunks in KV memory slots; rag: pasted as text; "
+                              "truncate/full: the documents themselves in the prompt.")
+    k: int = Field(4, ge=1, le=16, description="Chunks retrieved (memory slots or pasted chunks).")
+    model: str | None = Field(None, max_length=100, description="A model preset; default: the server's model.")
+    max_new_tokens: int = Field(48, ge=1, le=256)
+    filters: dict[str, str | int] | None = Field(None, description="path (glob), document_id or meta.KEY.")
+
+
+def create_app(memory: Memory, *, default_model: str | None = None, models: list[str] | None = None,
+               title: str = "memstore", examples: list[str] | None = None) -> FastAPI:
+    """The app over `memory`. `models` lists what clients may ask for (presets by default)."""
+    from model.backbone import DEFAULT_MODEL, PRESETS
+
+    default_model = default_model or DEFAULT_MODEL
+    allowed = list(dict.fromkeys([default_model, *(models or PRESETS)]))
+    lock = threading.Lock()
+    app = FastAPI(title=f"{title} API", description="Search and question answering over a memstore store.")
+    install_error_handlers(app)
+
+    def check_model(name: str | None) -> str:
+        name = name or default_model
+        if name not in allowed:
+            raise HTTPException(400, f"unknown model {name!r}; this server offers {', '.join(allowed)}")
+        return name
+
+    def ask_kwargs(req: AskRequest) -> dict:
+        return dict(model=check_model(req.model), mode=req.mode, k=req.k, max_new_tokens=req.max_new_tokens,
+                    filters=req.filters)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        return (STATIC / "index.html").read_text()
+
+    @app.post("/ask", summary="Answer a question, with sources ranked by attention")
+    def ask(req: AskRequest) -> dict:
+        kwargs = ask_kwargs(req)
+        with lock:
+            return answer_json(memory.ask(req.question, **kwargs))
+
+    @app.post("/ask/stream", summary="Answer a question, streamed as NDJSON events",
+              description='One JSON object per line: {"type": "token", "text": ...} as the answer is generated, '
+                          'then {"type": "answer", ...} (as POST /ask returns) or {"type": "error", "error": ...}.')
+    def ask_stream(req: AskRequest) -> StreamingResponse:
+        kwargs = ask_kwargs(req)
+        with lock:
+            if memory.stats()["chunks"] == 0:
+                raise HTTPException(400, "the store is empty; ingest documents first (`memstore ingest PATH`)")
+        events: queue.Queue = queue.Queue()
+
+        def work() -> None:
+            try:
+                if lock.locked():
+                    events.put({"type": "status", "text": "waiting for the answer before this one"})
+                with lock:
+                    events.put({"type": "status", "text": "answering"})
+                    answer = memory.ask(req.question, on_token=lambda t: events.put({"type": "token", "text": t}),
+                                        **kwargs)
+                events.put({"type": "answer", **answer_json(answer)})
+            except USER_ERRORS as e:
+                events.put({"type": "error", "error": str(e)})
+            except Exception as e:  # noqa: BLE001 - reported to the client as an event, logged here
+                log.exception("answering %r failed", req.question)
+                events.put({"type": "error", "error": f"internal error ({type(e).__name__}); see the server log"})
+            finally:
+                events.put(None)
+
+        threading.Thread(target=work, daemon=True).start()
+
+        def lines():
+            while (event := events.get()) is not None:
+                yield json.dumps(jsonable_encoder(event)) + "\n"
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @app.get("/search", summary="Retrieve chunks (hybrid, dense or lexical)")
+    def search(q: str = Query(min_length=1, max_length=MAX_QUESTION_CHARS), k: int = Query(5, ge=1, le=50),
+               mode: Literal["hybrid", "dense", "lexical"] = "hybrid") -> dict:
+        with lock:
+            hits = memory.search(q, k=k, mode=mode)
+        return {"query": q, "mode": mode, "hits": [{**h.to_dict(), "url": view_url(h.document_id, h.char_start,
+                                                                                     h.char_end)} for h in hits]}
+
+    @app.get("/stats", summary="Documents, chunks and tokens in the store")
+    def stats() -> dict:
+        with lock:
+            return memory.stats()
+
+    @app.get("/models", summary="Models this server can answer with")
+    def list_models() -> dict:
+        from model.backbone import preset_status
+
+        presets = {p["name"]: p for p in preset_status()}
+        return {"default": default_model,
+                "models": [{**presets.get(name, {"name": name, "available": True}), "default": name == default_model}
+                           for name in allowed]}
+
+    @app.get("/documents/{document_id}", summary="A document: its metadata and text")
+    def document(document_id: int) -> dict:
+        with lock:
+            info = memory.store.document_info(document_id)
+            return {**info, "text": memory.store.document_text(document_id)}
+
+    @app.get("/view/{document_id}", response_class=HTMLResponse, summary="A document as a page, a span highlighted")
+    def view(document_id: int, start: int = Query(0, ge=0), end: int = Query(0, ge=0)) -> str:
+        with lock:
+            info = memory.store.document_info(document_id)
+            text = memory.store.document_text(document_id)
+        return document_page(info, text, start, end)
+
+    @app.get("/examples", include_in_schema=False)
+    def example_questions() -> dict:
+        return {"title": title, "examples": examples or []}
+
+    return app
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error is JSON with an `error` message; never a traceback."""
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size and size.isdigit() and int(size) > MAX_BODY_BYTES:
+            return JSONResponse({"error": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        problems = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors()]
+        return JSONResponse({"error": "invalid request: " + "; ".join(problems)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(MemstoreError)
+    @app.exception_handler(EmbedderNotFound)
+    @app.exception_handler(ValueError)
+    async def user_error(request: Request, exc: Exception):
+        status = 404 if str(exc).startswith("no document with id") else 400
+        return JSONResponse({"error": str(exc)}, status_code=status)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception):
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server log"},
+                            status_code=500)
+
+
+def view_url(document_id: int, start: int, end: int) -> str:
+    return f"/view/{document_id}?start={start}&end={end}#hit"
+
+
+def answer_json(answer) -> dict:
+    out = answer.to_dict()
+    for source in out["sources"]:
+        source["url"] = view_url(source["document_id"], source["char_start"], source["char_end"])
+    return out
+
+
+def document_page(info: dict, text: str, start: int, end: int) -> str:
+    """The document text, escaped, with [start, end) marked and scrolled to."""
+    start, end = min(start, len(text)), min(max(end, start), len(text))
+    title = html.escape(info["title"] or info["source"])
+    body = (html.escape(text[:start]) + '<mark id="hit">' + html.escape(text[start:end]) + "</mark>"
+            + html.escape(text[end:]))
+    return (f"<!doctype html><meta charset='utf-8'><title>{title}</title>"
+            "<style>body{font:15px/1.5 system-ui,sans-serif;max-width:50em;margin:2em auto;padding:0 1em}"
+            "pre{white-space:pre-wrap;font:inherit}mark{background:#ffe58a}</style>"
+            f"<h1>{title}</h1><p><code>{html.escape(info['source'])}</code> · characters {start}–{end}</p>"
+            f"<pre>{body}</pre>")

@@ -1,0 +1,185 @@
+"""The HTTP API and the demo page, end to end: `memstore demo` builds a store, `memstore serve`
+serves it in a subprocess on a free port, and requests (and headless Chromium) talk to it."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+
+SCRIPT_DOC = ("# Widget notes\n\nThe widget's colour is teal, and its serial prefix is QX-77. "
+              "<script>window.pwned = 1</script> <img src=x onerror=\"window.pwned = 2\">\n")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def memstore_cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "memstore.cli", *args], capture_output=True, text=True,
+                          timeout=600, **kwargs)
+
+
+def request(base: str, path: str, body=None, *, raw: bytes | None = None):
+    """(status, parsed JSON body) for a GET, or a POST of `body` as JSON."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(base + path, data=data, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    store = tmp_path_factory.mktemp("demo") / "store"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = memstore_cli("demo", "--no-fetch", "--build-only", "--store", str(store), env=env)
+    assert first.returncode == 0, first.stderr
+    assert "bundled" in first.stderr and "12 ingested" in first.stdout
+    again = memstore_cli("demo", "--no-fetch", "--build-only", "--store", str(store), env=env)
+    assert "0 ingested, 12 skipped" in again.stdout  # a second start reuses the store
+
+    notes = tmp_path_factory.mktemp("notes")
+    (notes / "widget.md").write_text(SCRIPT_DOC)
+    assert memstore_cli("ingest", str(notes), "--store", str(store), env=env).returncode == 0
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "memstore.cli", "serve", "--store", str(store), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while True:
+        try:
+            request(base, "/stats")
+            break
+        except (urllib.error.URLError, ConnectionError):
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"server did not start: {proc.stdout.read()}")
+            time.sleep(0.5)
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_answer_cites_the_page_that_holds_it(server):
+    status, answer = request(server, "/ask", {"question": "What does the VACUUM INTO command do?", "mode": "rag"})
+    assert status == 200, answer
+    assert answer["text"] and answer["mode"] == "rag"
+    assert any(s["source"].endswith("lang_vacuum.html") for s in answer["sources"])
+    assert answer["timings"]["ttft_s"] > 0
+    top = answer["sources"][0]
+    status, page = request(server, f"/documents/{top['document_id']}")
+    assert page["text"][top["char_start"]:top["char_end"]] == top["text"]  # the span quotes the document
+
+
+def test_streamed_answer_adds_up(server):
+    req = urllib.request.Request(server + "/ask/stream", headers={"content-type": "application/json"},
+                                 data=json.dumps({"question": "How large can a string or BLOB be?", "k": 3}).encode())
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        assert resp.headers["content-type"].startswith("application/x-ndjson")
+        events = [json.loads(line) for line in resp if line.strip()]
+    tokens = [e["text"] for e in events if e["type"] == "token"]
+    final = events[-1]
+    assert final["type"] == "answer" and final["mode"] == "memory", final
+    assert "".join(tokens).strip() == final["text"] and len(tokens) > 1
+    assert any(s["source"].endswith("limits.html") for s in final["sources"])
+
+
+def test_search_stats_and_documents(server):
+    status, stats = request(server, "/stats")
+    assert status == 200 and stats["documents"] == 13 and stats["chunks"] > 100
+    status, found = request(server, "/search?q=serial%20prefix%20QX-77&mode=lexical&k=2")
+    assert status == 200 and found["hits"][0]["source"].endswith("widget.md")
+    status, missing = request(server, "/documents/99999")
+    assert status == 404 and "no document" in missing["error"]
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"question": "x", "unknown": 1}, 422, "extra inputs"),
+    ({"question": ""}, 422, "question"),
+    ({"question": "x" * 2001}, 422, "question"),
+    ({"question": "x", "k": 0}, 422, "k"),
+    ({"question": "x", "k": 17}, 422, "k"),
+    ({"question": "x", "mode": "psychic"}, 422, "mode"),
+    ({"question": "x", "model": "../../etc/passwd"}, 400, "unknown model"),
+    ({"question": "x", "filters": {"colour": "teal"}}, 400, "filter"),
+])
+def test_bad_requests_get_clear_json_errors(server, body, status, words):
+    got, error = request(server, "/ask", body)
+    assert got == status and words in error["error"].lower(), error
+    assert "Traceback" not in error["error"]
+
+
+def test_malformed_and_oversized_bodies(server):
+    status, error = request(server, "/ask", raw=b"{not json")
+    assert status == 422 and "error" in error
+    status, error = request(server, "/ask", raw=json.dumps({"question": "x" * 100_000}).encode())
+    assert status == 413 and "bytes" in error["error"]
+    status, error = request(server, "/search?q=&k=5")
+    assert status == 422 and "q" in error["error"]
+
+
+def test_openapi_describes_the_api(server):
+    status, spec = request(server, "/openapi.json")
+    assert status == 200
+    assert {"/ask", "/ask/stream", "/search", "/stats", "/documents/{document_id}"} <= set(spec["paths"])
+
+
+@pytest.fixture
+def browser_page():
+    if CHROMIUM is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        dialogs = []
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.dialogs = dialogs
+        yield page
+        browser.close()
+
+
+def ask_in_page(page, server: str, question: str, mode: str) -> None:
+    page.goto(server + "/")
+    page.wait_for_selector("#model option", state="attached")
+    page.fill("#question", question)
+    page.select_option("#mode", mode)
+    page.click("#ask")
+    page.wait_for_selector(".panel .sources li", timeout=240_000)
+
+
+def test_page_streams_an_answer_with_sources(server, browser_page, tmp_path):
+    page = browser_page
+    ask_in_page(page, server, "What does the VACUUM INTO command do?", "rag")
+    assert page.inner_text(".panel .answer").strip()
+    assert "first token" in page.inner_text(".panel .timings")
+    sources = page.locator(".panel .sources li")
+    assert "VACUUM" in sources.first.inner_text()
+    href = sources.first.locator("a").get_attribute("href")
+    page.goto(server + href)
+    assert page.locator("mark#hit").inner_text().strip()  # the cited span, highlighted in the document
+
+
+def test_page_shows_markup_in_documents_as_text(server, browser_page):
+    page = browser_page
+    ask_in_page(page, server, "What is the serial prefix of the widget?", "rag")
+    passages = page.locator(".panel .passage").all_inner_texts()
+    assert any("<script>window.pwned = 1</script>" in p for p in passages)
+    assert page.locator(".panel .passage script, .panel .passage img").count() == 0
+    assert page.evaluate("window.pwned") is None and not page.dialogs
+    href = page.locator(".panel .sources li", has_text="widget.md").locator("a").get_attribute("href")
+    page.goto(server + href)
+    assert "<script>" in page.inner_text("body") and page.evaluate("window.pwned") is None
