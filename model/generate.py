@@ -23,6 +23,7 @@ from model.memory import SlotCache, SlotLayout, crop_to, encode_chunks, prefill
 SYSTEM = "Answer the question with a short phrase taken from the documents."
 DOCS_MARK = "\x00DOCS\x00"
 SEPARATOR = "\n\n"
+PARAGRAPH_BREAK = "\n\n"
 
 
 @dataclass
@@ -96,8 +97,11 @@ class Decoder:
             if token in self.eos:
                 break
             generated.append(token)
+            text = self.tokenizer.decode(generated, skip_special_tokens=True)
+            if PARAGRAPH_BREAK in text.lstrip():  # the short answer is over; small models repeat it after this
+                generated.pop()
+                break
             if on_token is not None:
-                text = self.tokenizer.decode(generated, skip_special_tokens=True)
                 on_token(text[len(text_so_far):])
                 text_so_far = text
             logits = (after_token(generated) if after_token else None)
