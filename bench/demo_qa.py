@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import time
 from pathlib import Path
@@ -38,6 +39,11 @@ QUESTIONS = [
 ]
 
 
+def is_right(answer: str, accepted: list[str]) -> bool:
+    """One of the accepted answers appears in the answer as a whole word (so "wal" in "sqlite3_wal_x" does not count)."""
+    return any(re.search(rf"(?<!\w){re.escape(a)}(?!\w)", answer, re.IGNORECASE) for a in accepted)
+
+
 def page(source: str) -> str:
     return os.path.basename(source)
 
@@ -55,7 +61,7 @@ def run(store: Path, models: list[str], modes: list[str], k: int) -> dict:
                     cited = [page(s.source) for s in answer.sources]
                     rows.append({
                         "model": model, "mode": mode, "question": question, "answer": answer.text,
-                        "right": any(a.lower() in answer.text.lower() for a in accepted),
+                        "right": is_right(answer.text, accepted),
                         "page_cited": any(p in pages for p in cited),
                         "page_cited_first": bool(cited) and cited[0] in pages,
                         "sources": cited, "ttft_s": answer.timings.get("ttft_s"),

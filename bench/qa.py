@@ -7,6 +7,7 @@ All 48 documents go into one store (200-token chunks). For a fixed sample of que
   truncate  the question's document cut to the model's native window
   rag       the top-k retrieved chunks pasted as text
   memory    the same chunks in memory slots of the KV cache, refilled while decoding
+  memory_static  memory slots filled once from the question (retrieve_every=0)
 Retrieval hit@k (the answer's char offset inside a retrieved chunk of the right document)
 shows how much of the gap to the oracle is retrieval's.
 
@@ -27,7 +28,7 @@ from pathlib import Path
 import memstore
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-MODES = ("closed", "oracle", "truncate", "rag", "memory")
+MODES = ("closed", "oracle", "truncate", "rag", "memory", "memory_static")
 
 
 # ---- SQuAD scoring ---------------------------------------------------------------------------
@@ -101,7 +102,8 @@ def run_model(mem, model: str, questions: list[dict], modes: list[str], k: int, 
                 gen = answerer.decoder.prompt(qa["question"], [chunk] if chunk else [], max_new_tokens=max_new_tokens)
             else:
                 ans = answerer.ask(qa["question"], lambda text: [h.to_dict() for h in mem.search(text, k=k, mode=retrieval)],
-                                   mode=mode, k=k, max_new_tokens=max_new_tokens,
+                                   mode="memory" if mode == "memory_static" else mode, k=k,
+                                   max_new_tokens=max_new_tokens, retrieve_every=0 if mode == "memory_static" else 1,
                                    document_text=lambda: mem.store.document_text(doc_id))
                 gen = ans
             em, f = score(gen.text, qa["answers"])
@@ -118,6 +120,7 @@ def run_model(mem, model: str, questions: list[dict], modes: list[str], k: int, 
             "f1": round(100 * sum(r["f1"] for r in rs) / len(rs), 1),
             "seconds_per_answer": round(sum(r["seconds"] for r in rs) / len(rs), 3),
             "ttft_s": round(sum(ttfts) / len(ttfts), 3) if ttfts else None,
+            "questions": len(rs),
             "examples": [{"question": q["question"], "answers": q["answers"], "prediction": r["text"]}
                          for q, r in list(zip(questions, rs))[:5]],
         }
@@ -133,11 +136,16 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--retrieval", default="hybrid", choices=["hybrid", "dense", "lexical"])
     parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--store", type=Path, default=Path("bench/data/newwiki-store"))
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--out", type=Path, default=Path("bench/results/qa.json"))
     args = parser.parse_args()
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     docs = load_jsonl(args.data / "newwiki_longdoc.docs.jsonl")
     qas = load_jsonl(args.data / "newwiki_longdoc.qas.jsonl")
     questions = random.Random(0).sample(qas, args.questions)
@@ -149,10 +157,13 @@ def main() -> None:
     report = {"benchmark": "qa", "date": time.strftime("%Y-%m-%d %H:%M"), "questions": args.questions,
               "documents": stats["documents"], "chunks": stats["chunks"], "tokens": stats["tokens"],
               "cpus": os.cpu_count(), "load_average_end": os.getloadavg()[0], "runs": runs}
-    if args.out.exists():  # keep other models' / retrieval settings' runs
-        fresh = {(r["model"], r["retrieval"]) for r in runs}
-        old = [r for r in json.loads(args.out.read_text()).get("runs", []) if (r["model"], r["retrieval"]) not in fresh]
-        report["runs"] = old + runs
+    if args.out.exists():  # keep other runs, and other modes of the same model and retrieval
+        old = {(r["model"], r["retrieval"]): r for r in json.loads(args.out.read_text()).get("runs", [])}
+        for run in runs:
+            previous = old.pop((run["model"], run["retrieval"]), None)
+            if previous:
+                run["modes"] = {**previous["modes"], **run["modes"]}
+        report["runs"] = list(old.values()) + runs
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     for run in runs:

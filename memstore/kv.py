@@ -1,8 +1,10 @@
 """On-disk key/value memory: each chunk's per-layer keys (un-rotated) and values, per model.
 
-One `.npy` file per (model, chunk id), shape (2, layers, kv_heads, tokens, head_dim), fp16,
-read back memory-mapped. Chunk ids are never reused, so a file can only ever belong to the
-chunk it was computed for. A byte budget evicts the least recently used files.
+One `.npy` file per (model, chunk id), shape (2, layers, kv_heads, tokens, head_dim), read
+back memory-mapped: fp16, or int8 with a per-row (layer, head, token) scale kept as fp16 in
+two extra int8 columns (head_dim + 2 bytes per row instead of 2 * head_dim). Chunk ids are
+never reused, so a file can only ever belong to the chunk it was computed for. A byte
+budget evicts the least recently used files.
 """
 from __future__ import annotations
 
@@ -17,8 +19,36 @@ def _model_dir_name(model_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", model_id)[:120]
 
 
+KV_DTYPES = ("fp16", "int8")
+
+
+def quantize_int8(kv: np.ndarray) -> np.ndarray:
+    """(..., D) floats -> (..., D + 2) int8: absmax-scaled values, then the row's fp16 scale as 2 bytes."""
+    x = np.asarray(kv, dtype=np.float32)
+    scale = (np.abs(x).max(axis=-1, keepdims=True) / 127.0).astype(np.float16)
+    safe = np.where(scale == 0, np.float16(1), scale).astype(np.float32)
+    q = np.clip(np.rint(x / safe), -127, 127).astype(np.int8)
+    return np.concatenate([q, scale.view(np.int8)], axis=-1)
+
+
+def dequantize(stored: np.ndarray) -> np.ndarray:
+    """What `get` returns: fp16 as stored, or int8 rows times their scale."""
+    if stored.dtype != np.int8:
+        return stored
+    scale = np.ascontiguousarray(stored[..., -2:]).view(np.float16).astype(np.float32)
+    return (stored[..., :-2].astype(np.float32) * scale).astype(np.float16)
+
+
+def bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: str = "fp16") -> int:
+    row = 2 * head_dim if dtype == "fp16" else head_dim + 2
+    return 2 * n_layers * n_kv_heads * row
+
+
 class KVMemory:
-    def __init__(self, root: Path, model_id: str, budget_bytes: int = 4 << 30):
+    def __init__(self, root: Path, model_id: str, budget_bytes: int = 4 << 30, dtype: str = "fp16"):
+        if dtype not in KV_DTYPES:
+            raise ValueError(f"KV dtype must be one of {', '.join(KV_DTYPES)}, not {dtype!r}")
+        self.dtype = dtype
         self.root = Path(root)
         self.dir = self.root / _model_dir_name(model_id)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -35,13 +65,14 @@ class KVMemory:
         except (FileNotFoundError, ValueError, OSError):
             return None
         os.utime(path)  # recently used: last to be evicted
-        return kv
+        return dequantize(kv)
 
     def put(self, chunk_id: int, kv: np.ndarray) -> None:
         """Write atomically (temp file + rename), then evict down to the budget."""
         path = self.path(chunk_id)
         tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, np.ascontiguousarray(kv, dtype=np.float16))
+        data = quantize_int8(kv) if self.dtype == "int8" else np.ascontiguousarray(kv, dtype=np.float16)
+        np.save(tmp, data)
         os.replace(tmp, path)
         self.evict()
 

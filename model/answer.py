@@ -8,10 +8,11 @@ from typing import Callable
 
 import numpy as np
 
-from memstore.kv import KVMemory
+from memstore.kv import KVMemory, bytes_per_token
 from model.generate import Decoder, Generation, PromptParts
 
 MODES = ("memory", "rag", "truncate", "full")
+DEFAULT_KV_DTYPE = "fp16"
 
 
 @dataclass
@@ -44,12 +45,14 @@ class Answer:
 class Answerer:
     """Runs one backbone over one store: retrieval in, answer with ranked sources out."""
 
-    def __init__(self, backbone, kv_root, *, slot_len: int = 256, kv_budget_bytes: int = 4 << 30):
+    def __init__(self, backbone, kv_root, *, slot_len: int = 256, kv_budget_bytes: int = 4 << 30,
+                 kv_dtype: str = DEFAULT_KV_DTYPE):
         self.backbone = backbone
         self.decoder = Decoder(backbone.model, backbone.tokenizer, max_positions=backbone.max_positions,
                                slot_len=slot_len)
         self.kv_root = kv_root
         self.kv_budget_bytes = kv_budget_bytes
+        self.kv_dtype = kv_dtype
         self._kv: dict[str, KVMemory] = {}
 
     def kv_memory(self, prefix_ids: list[int]) -> KVMemory:
@@ -57,7 +60,7 @@ class Answerer:
         digest = hashlib.sha1(np.asarray(prefix_ids, dtype=np.int64).tobytes()).hexdigest()[:10]
         key = f"{self.backbone.name}-p{digest}-s{self.decoder.slot_len}"
         if key not in self._kv:
-            self._kv[key] = KVMemory(self.kv_root, key, self.kv_budget_bytes)
+            self._kv[key] = KVMemory(self.kv_root, key, self.kv_budget_bytes, dtype=self.kv_dtype)
         return self._kv[key]
 
     def kv_for(self, chunks: list[dict], prefix_ids: list[int]) -> list[np.ndarray]:
@@ -80,7 +83,8 @@ class Answerer:
         prefix = PromptParts(self.backbone.tokenizer, "").prefix  # the prefix does not depend on the question
         kv = self.kv_memory(prefix)
         todo = [c for c in chunks if not kv.path(c["chunk_id"]).exists()]
-        per_token = 2 * self.backbone.n_layers * self.backbone.n_kv_heads * self.backbone.head_dim * 2  # fp16 K+V
+        b = self.backbone
+        per_token = bytes_per_token(b.n_layers, b.n_kv_heads, b.head_dim, self.kv_dtype)
         need = kv.nbytes() + per_token * sum(min(c["token_count"] + 4, self.decoder.slot_len) for c in todo)
         if need > self.kv_budget_bytes:
             raise ValueError(f"KV memory for {len(chunks)} chunks needs about {need / 2**30:.1f} GiB with "

@@ -1,0 +1,66 @@
+"""KV memory files: fp16 and int8 (per-row absmax) round trips, budget and drop."""
+import numpy as np
+import pytest
+
+from memstore.kv import KVMemory, bytes_per_token, dequantize, drop_chunks, quantize_int8
+
+
+def kv_like(seed=0, tokens=37):
+    """(2, layers, heads, tokens, head_dim) with a few large channels, as real keys have."""
+    rng = np.random.default_rng(seed)
+    kv = rng.standard_normal((2, 3, 2, tokens, 64)).astype(np.float32)
+    kv[0, :, :, :, 5] *= 40  # an outlier channel in the keys
+    return kv
+
+
+def test_int8_round_trip_error_is_within_half_a_step_per_row():
+    kv = kv_like()
+    stored = quantize_int8(kv)
+    assert stored.dtype == np.int8 and stored.shape == kv.shape[:-1] + (66,)
+    back = dequantize(stored).astype(np.float32)
+    step = np.abs(kv).max(axis=-1, keepdims=True) / 127
+    assert np.all(np.abs(back - kv) <= 0.5 * step * 1.01 + 1e-3)
+
+
+def test_zero_rows_survive_quantization():
+    kv = np.zeros((2, 1, 1, 4, 8), dtype=np.float32)
+    assert not dequantize(quantize_int8(kv)).any()
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+def test_store_returns_what_was_put(tmp_path, dtype):
+    mem = KVMemory(tmp_path, "model-x", dtype=dtype)
+    kv = kv_like()
+    mem.put(7, kv)
+    got = mem.get(7).astype(np.float32)
+    step = np.abs(kv).max(axis=-1, keepdims=True) / 127  # int8: half a step per row; fp16: 11 bits
+    tolerance = 1e-3 * np.abs(kv) + 1e-4 if dtype == "fp16" else 0.51 * step + 1e-3
+    assert got.shape == kv.shape and np.all(np.abs(got - kv) <= tolerance)
+    assert mem.get(8) is None
+
+
+def test_int8_files_are_about_half_the_size(tmp_path):
+    fp16, int8 = KVMemory(tmp_path, "a", dtype="fp16"), KVMemory(tmp_path, "b", dtype="int8")
+    fp16.put(1, kv_like())
+    int8.put(1, kv_like())
+    assert 0.5 < int8.nbytes() / fp16.nbytes() < 0.56
+    assert bytes_per_token(30, 3, 64, "int8") / bytes_per_token(30, 3, 64, "fp16") == pytest.approx(66 / 128)
+
+
+def test_a_store_reads_files_of_either_dtype(tmp_path):
+    KVMemory(tmp_path, "m", dtype="fp16").put(1, kv_like())
+    assert KVMemory(tmp_path, "m", dtype="int8").get(1).dtype == np.float16
+
+
+def test_budget_evicts_least_recently_used_and_drop_removes(tmp_path):
+    one = quantize_int8(kv_like()).nbytes + 128  # the .npy header
+    mem = KVMemory(tmp_path, "m", budget_bytes=int(2.5 * one), dtype="int8")
+    for cid in (1, 2, 3):
+        mem.put(cid, kv_like(cid))
+    assert mem.get(1) is None and mem.get(3) is not None
+    assert drop_chunks(tmp_path, [2, 3]) == 2 and mem.nbytes() == 0
+
+
+def test_unknown_dtype_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="int8"):
+        KVMemory(tmp_path, "m", dtype="int4")
