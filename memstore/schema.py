@@ -62,6 +62,21 @@ class Chunk(Base):
     document: Mapped[Document] = relationship(back_populates="chunks")
 
 
+class RerankVector(Base):
+    """A chunk's vector from the re-ranking model, computed the first time the chunk is a candidate.
+
+    Deleting or replacing a document deletes its chunks and so, by cascade, these rows.
+    """
+
+    __tablename__ = "rerank_vectors"
+
+    chunk_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("chunks.id", ondelete="CASCADE"), primary_key=True, autoincrement=False
+    )
+    model: Mapped[str] = mapped_column(String(255), primary_key=True)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32, normalized
+
+
 class IngestRun(Base):
     __tablename__ = "ingest_runs"
 

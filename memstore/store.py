@@ -22,6 +22,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy.dialects import postgresql as postgresql_dialect, sqlite as sqlite_dialect
 
 from memstore import db, kv, lexical
 from memstore.errors import (
@@ -29,7 +30,7 @@ from memstore.errors import (
     UnknownFilterError,
 )
 from memstore.index import EXACT, IndexConfig, VectorIndex
-from memstore.schema import Chunk, Document, IngestRun, Setting, utcnow
+from memstore.schema import Chunk, Document, IngestRun, RerankVector, Setting, utcnow
 
 DB_FILE = "memstore.db"
 INDEX_FILE = "vectors.faiss"
@@ -80,6 +81,14 @@ class Hit:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+@dataclass
+class Candidates:
+    """A search's ranking before it is cut to k, and the lexical side's own scores."""
+
+    ranked: list[tuple[int, float]]  # (chunk id, score), best first: fused in hybrid mode
+    lexical: list[tuple[int, float]]  # empty in dense mode
 
 
 @dataclass
@@ -410,6 +419,11 @@ class MemoryStore:
         `mode` defaults to hybrid when both are given. `filters` restrict both sides before
         fusion, so a filtered search is never cut short.
         """
+        return self.hits(self.candidates(vector, k, filters, query=query, mode=mode, fusion=fusion).ranked[:k])
+
+    def candidates(self, vector: np.ndarray | None, k: int, filters: dict | None = None, *,
+                   query: str | None = None, mode: str | None = None, fusion: str = "weighted") -> Candidates:
+        """The ranking that `search` cuts to its top k (at least k long when the store has k chunks)."""
         mode = mode or ("hybrid" if vector is not None and query else "dense" if vector is not None else "lexical")
         if mode not in SEARCH_MODES:
             raise ValueError(f"unknown search mode {mode!r}; use one of {', '.join(SEARCH_MODES)}")
@@ -421,16 +435,14 @@ class MemoryStore:
             raise ValueError(f"{mode} search needs query text")
         doc_ids = self.document_ids_matching(filters) if filters else None
         if doc_ids is not None and not doc_ids:
-            return []
+            return Candidates([], [])
         n = max(HYBRID_CANDIDATES, 2 * k) if mode == "hybrid" else k
         dense = self._dense(vector, n, doc_ids) if mode != "lexical" else []
         lexical_hits = self._lexical(query, n, doc_ids) if mode != "dense" else []
         if mode == "hybrid":
             fuse = {"rrf": lexical.reciprocal_rank_fusion, "weighted": lexical.weighted_fusion}[fusion]
-            scored = fuse(dense, lexical_hits)
-        else:
-            scored = dense or lexical_hits
-        return self._hits(scored[:k])
+            return Candidates(fuse(dense, lexical_hits), lexical_hits)
+        return Candidates(dense or lexical_hits, lexical_hits)
 
     def _dense(self, vector: np.ndarray, k: int, doc_ids: list[int] | None) -> list[tuple[int, float]]:
         if self.index_error is not None:
@@ -478,7 +490,8 @@ class MemoryStore:
             rows = conn.execute(select(Document.id, Document.source, Document.meta)).all()
         return [r.id for r in rows if all(p(r) for p in predicates)]
 
-    def _hits(self, scored: list[tuple[int, float]]) -> list[Hit]:
+    def hits(self, scored: list[tuple[int, float]]) -> list[Hit]:
+        """Hits (chunk records with their document) for (chunk id, score) pairs, in that order."""
         if not scored:
             return []
         records = {c["chunk_id"]: c for c in self.get_chunks([i for i, _ in scored])}
@@ -493,6 +506,47 @@ class MemoryStore:
             rows = conn.execute(select(*cols).join(Document).where(Chunk.id.in_(ids))).mappings().all()
         by_id = {r["chunk_id"]: dict(r) for r in rows}
         return [by_id[i] for i in ids if i in by_id]
+
+    # ---- re-ranker vectors (a cache in SQL, deleted with their chunks) ---------------------
+
+    def rerank_vectors(self, model: str, chunk_ids: Iterable[int]) -> dict[int, np.ndarray]:
+        """The kept vectors of `model` for those of `chunk_ids` that have one."""
+        ids = [int(i) for i in chunk_ids]
+        out = {}
+        with self.engine.connect() as conn:
+            for s in range(0, len(ids), BATCH):
+                rows = conn.execute(select(RerankVector.chunk_id, RerankVector.vector).where(
+                    RerankVector.model == model, RerankVector.chunk_id.in_(ids[s:s + BATCH])))
+                out.update((int(i), np.frombuffer(v, dtype=np.float32)) for i, v in rows)
+        return out
+
+    def put_rerank_vectors(self, model: str, chunk_ids: Iterable[int], vectors: np.ndarray) -> int:
+        """Keep `model`'s vectors of chunks, in one transaction; returns how many of them are kept now.
+
+        Chunks deleted meanwhile are skipped, and so are vectors kept already (by a concurrent search).
+        """
+        ids = [int(i) for i in chunk_ids]
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if len(ids) != len(vectors):
+            raise ValueError(f"{len(ids)} chunk ids but {len(vectors)} vectors")
+        written = 0
+        with self.engine.begin() as conn:
+            dialect = sqlite_dialect if conn.dialect.name == "sqlite" else postgresql_dialect
+            for s in range(0, len(ids), BATCH):
+                batch = ids[s:s + BATCH]
+                alive = set(conn.execute(select(Chunk.id).where(Chunk.id.in_(batch))).scalars())
+                rows = [dict(chunk_id=i, model=model, vector=v.tobytes())
+                        for i, v in zip(batch, vectors[s:s + BATCH]) if i in alive]
+                if rows:
+                    conn.execute(dialect.insert(RerankVector).on_conflict_do_nothing(), rows)
+                    written += len(rows)
+        return written
+
+    def chunks_without_rerank_vector(self, model: str) -> list[int]:
+        """Ids of chunks that have no vector of `model` yet, in id order."""
+        kept = select(RerankVector.chunk_id).where(RerankVector.model == model, RerankVector.chunk_id == Chunk.id)
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(Chunk.id).where(~kept.exists()).order_by(Chunk.id)).scalars())
 
     def all_chunks(self) -> list[dict]:
         """Every chunk's id, document id, text and token count, in id order."""
