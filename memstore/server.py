@@ -114,10 +114,11 @@ def create_app(memory: Memory, *, default_model: str | None = None, models: list
 
     @app.get("/search", summary="Retrieve chunks (hybrid, dense or lexical)")
     def search(q: str = Query(min_length=1, max_length=MAX_QUESTION_CHARS), k: int = Query(5, ge=1, le=50),
-               mode: Literal["hybrid", "dense", "lexical"] = "hybrid") -> dict:
+               mode: Literal["hybrid", "dense", "lexical"] = "hybrid",
+               rerank: bool = Query(False, description="re-score the candidates with the second model")) -> dict:
         with lock:
-            hits = memory.search(q, k=k, mode=mode)
-        return {"query": q, "mode": mode, "hits": [{**h.to_dict(), "url": view_url(h.document_id, h.char_start,
+            hits = memory.search(q, k=k, mode=mode, rerank=rerank)
+        return {"query": q, "mode": mode, "rerank": rerank, "hits": [{**h.to_dict(), "url": view_url(h.document_id, h.char_start,
                                                                                      h.char_end)} for h in hits]}
 
     @app.get("/stats", summary="Documents, chunks and tokens in the store")

