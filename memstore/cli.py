@@ -296,6 +296,7 @@ def check_port_free(host: str, port: int) -> None:
     import socket
 
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no obstacle
         try:
             s.bind((host, port))
         except OSError as e:
