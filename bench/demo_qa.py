@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import memstore
-from memstore.demo import cache_dir
+from memstore.paths import cache_dir
 
 # (question, accepted answers, pages that answer it)
 QUESTIONS = [

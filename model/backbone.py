@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from memstore.errors import MemstoreError
+from memstore.paths import models_dir
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +101,6 @@ class Backbone:
     n_layers: int
     n_kv_heads: int
     head_dim: int
-
-
-def models_dir() -> Path:
-    """Where converted models live: $MEMSTORE_CACHE/models, default ~/.cache/memstore/models."""
-    root = os.environ.get("MEMSTORE_CACHE") or Path.home() / ".cache" / "memstore"
-    return Path(root).expanduser() / "models"
 
 
 def preset_status() -> list[dict]:
