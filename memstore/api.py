@@ -159,8 +159,7 @@ class Memory:
         documents cut to the model's window) or "full" (the whole text, where it fits).
         `on_token` receives the answer text piece by piece as it is generated.
         """
-        if self.store.stats()["chunks"] == 0:
-            raise MemstoreError("the store is empty; ingest documents first (`memstore ingest PATH`)")
+        self.require_chunks()
         answerer = self._answerer(model or DEFAULT_MODEL)
 
         def retrieve(text: str) -> list[dict]:
@@ -176,6 +175,11 @@ class Memory:
     def load_model(self, model: str | None = None) -> str:
         """Load (and on first use fetch and convert) a model now; returns its name."""
         return self._answerer(model or DEFAULT_MODEL).backbone.name
+
+    def require_chunks(self) -> None:
+        """MemstoreError when the store holds nothing to answer from."""
+        if self.store.stats()["chunks"] == 0:
+            raise MemstoreError("the store is empty; ingest documents first (`memstore ingest PATH`)")
 
     def build_kv(self, model: str | None = None, *, budget_gib: float = 4.0, progress: bool | None = False) -> dict:
         """Compute the KV memory of every chunk for `model` now, instead of on first retrieval."""

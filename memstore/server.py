@@ -83,8 +83,7 @@ def create_app(memory: Memory, *, default_model: str | None = None, models: list
     def ask_stream(req: AskRequest) -> StreamingResponse:
         kwargs = ask_kwargs(req)
         with lock:
-            if memory.stats()["chunks"] == 0:
-                raise HTTPException(400, "the store is empty; ingest documents first (`memstore ingest PATH`)")
+            memory.require_chunks()  # refused with a 400 before the stream starts
         events: queue.Queue = queue.Queue()
 
         def work() -> None:
