@@ -121,6 +121,7 @@ def run_model(mem, model: str, questions: list[dict], modes: list[str], k: int, 
             "seconds_per_answer": round(sum(r["seconds"] for r in rs) / len(rs), 3),
             "ttft_s": round(sum(ttfts) / len(ttfts), 3) if ttfts else None,
             "questions": len(rs),
+            "measured": time.strftime("%Y-%m-%d %H:%M"),
             "examples": [{"question": q["question"], "answers": q["answers"], "prediction": r["text"]}
                          for q, r in list(zip(questions, rs))[:5]],
         }
