@@ -165,12 +165,20 @@ class Memory:
         def retrieve(text: str) -> list[dict]:
             return [h.to_dict() for h in self.search(text, k=k, filters=filters)]
 
-        def whole_text() -> str:
-            ids = self.store.document_ids_matching(filters) if filters else [d["id"] for d in self.store.documents()]
-            return "\n\n".join(self.store.document_text(i) for i in ids)
-
         return answerer.ask(question, retrieve, mode=mode, k=k, max_new_tokens=max_new_tokens,
-                            retrieve_every=retrieve_every, document_text=whole_text, on_token=on_token)
+                            retrieve_every=retrieve_every, document_text=lambda: self.whole_text(filters),
+                            on_token=on_token)
+
+    def whole_text(self, filters: dict | None = None) -> str:
+        """The documents' texts (those matching `filters`) in order of source, as modes truncate and full read them.
+
+        Ordered by source, not id: a re-ingested document gets a new id but keeps its place.
+        """
+        docs = self.store.documents()
+        if filters:
+            allowed = set(self.store.document_ids_matching(filters))
+            docs = [d for d in docs if d["id"] in allowed]
+        return "\n\n".join(self.store.document_text(d["id"]) for d in sorted(docs, key=lambda d: d["source"]))
 
     def load_model(self, model: str | None = None) -> str:
         """Load (and on first use fetch and convert) a model now; returns its name."""

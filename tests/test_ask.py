@@ -107,3 +107,17 @@ def test_ingest_kv_precomputes_the_memory(tmp_path):
         answer = mem.ask("What is the capital of Freedonia?", k=1, retrieve_every=0)
     assert "Zorbaville" in answer.text
     assert set((tmp_path / "kb" / "kv").glob("*/*.npy")) == set(files)  # ask used the precomputed memory
+
+
+def test_whole_text_keeps_source_order_when_a_document_is_replaced(tmp_path):
+    """Modes truncate and full read documents by source: a changed file keeps its place, not the end."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name, text in [("a.md", "Alpha first."), ("b.md", "Beta second."), ("c.md", "Gamma third.")]:
+        (docs / name).write_text(text)
+    with memstore.open(tmp_path / "store") as mem:
+        mem.ingest(docs)
+        (docs / "a.md").write_text("Alpha, rewritten.")
+        mem.ingest(docs)  # a.md gets a new document id, the highest
+        assert mem.whole_text() == "Alpha, rewritten.\n\nBeta second.\n\nGamma third."
+        assert mem.whole_text({"path": "*[bc].md"}) == "Beta second.\n\nGamma third."
