@@ -328,13 +328,17 @@ def needle_benchmark(mem, workdir: Path, haystack_dir: Path, target_tokens: int,
 
 # ---- 3. latency at scale -----------------------------------------------------------------
 
-def scale_benchmark(path: Path, sources: list[dict], dim: int, embedder_name: str, n_target: int,
-                    questions: list[str], seed: int, shipped_threads: int) -> dict:
+def fill_scale_store(path: Path, sources: list[dict], dim: int, embedder_name: str, n_target: int,
+                     seed: int) -> tuple[float, str]:
+    """Build the scale store (fill seconds, index kind); a store of n_target chunks at `path` is kept."""
+    if path.exists():
+        with MemoryStore(path) as store:
+            if store.stats()["chunks"] == n_target:
+                return 0.0, store.index.kind
+        shutil.rmtree(path)
     rng = np.random.default_rng(seed)
     pyrng = random.Random(seed)
     vocab = sorted({w for c in sources for w in c["text"].split()})
-    if path.exists():
-        shutil.rmtree(path)
     t = time.perf_counter()
     with MemoryStore(path) as store:
         store.require_embedder(embedder_name, dim)
@@ -359,9 +363,12 @@ def scale_benchmark(path: Path, sources: list[dict], dim: int, embedder_name: st
             made += len(batch)
             doc_no += 1
         store.save_index()
-        index_kind = store.index.kind
-    fill_s = time.perf_counter() - t
+        return time.perf_counter() - t, store.index.kind
 
+
+def scale_benchmark(path: Path, sources: list[dict], dim: int, embedder_name: str, n_target: int,
+                    questions: list[str], seed: int, shipped_threads: int) -> dict:
+    fill_s, index_kind = fill_scale_store(path, sources, dim, embedder_name, n_target, seed)
     mem = memstore.open(path)
     modes = ("dense", "lexical", "hybrid")  # no re-ranker vectors in this store
     for q in questions[:10]:  # warm-up: embedder, SQLite page cache
@@ -469,7 +476,8 @@ def main() -> None:
                                           args.seed, shipped_threads)
         print(json.dumps({"scale": report["scale"]["latency"], "parts": report["scale"]["hybrid_parts"]}, indent=1),
               flush=True)
-        shutil.rmtree(workdir / "scale", ignore_errors=True)
+        if args.workdir is None:  # a --workdir keeps the scale store for the next run
+            shutil.rmtree(workdir / "scale", ignore_errors=True)
     elif args.out.exists() and "scale" in (previous := json.loads(args.out.read_text())):
         report["scale"] = {**previous["scale"], "carried_over_from_run_of": previous["date"]}
 
