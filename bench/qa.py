@@ -83,7 +83,8 @@ def answer_chunk(mem, doc_id: int, answer_char: int) -> dict | None:
 # ---- one run ---------------------------------------------------------------------------------
 
 def run_model(mem, model: str, questions: list[dict], modes: list[str], k: int, retrieval: str,
-              max_new_tokens: int) -> dict:
+              max_new_tokens: int, checkpoint=None) -> dict:
+    """Answer every question in every mode; `checkpoint(partial_run)` is called every 10 questions."""
     answerer = mem._answerer(model)
     docs = {d["source"]: d["id"] for d in mem.store.documents()}
     rows = {m: [] for m in modes}
@@ -112,6 +113,12 @@ def run_model(mem, model: str, questions: list[dict], modes: list[str], k: int, 
         if n % 10 == 0:
             summary = {m: round(100 * sum(r["f1"] for r in rs) / len(rs), 1) for m, rs in rows.items()}
             print(f"{model} {n}/{len(questions)} F1 {summary} load {os.getloadavg()[0]:.1f}", flush=True)
+            if checkpoint and n < len(questions):
+                checkpoint(summarize(model, retrieval, k, questions, rows, hits))
+    return summarize(model, retrieval, k, questions, rows, hits)
+
+
+def summarize(model, retrieval, k, questions, rows, hits) -> dict:
     table = {}
     for mode, rs in rows.items():
         ttfts = [r["ttft_s"] for r in rs if r["ttft_s"] is not None]
@@ -152,24 +159,32 @@ def main() -> None:
     questions = random.Random(0).sample(qas, args.questions)
     args.store.parent.mkdir(parents=True, exist_ok=True)
     with build_store(args.store, docs) as mem:
-        runs = [run_model(mem, m, questions, args.modes, args.k, args.retrieval, args.max_new_tokens)
-                for m in args.models]
-        stats = mem.stats()
+        stats, runs = mem.stats(), []
+        for m in args.models:  # a partial run is written every 10 questions: an interrupted bench keeps it
+            runs.append(run_model(mem, m, questions, args.modes, args.k, args.retrieval, args.max_new_tokens,
+                                  checkpoint=lambda partial: write_report(args, stats, runs + [partial])))
+            write_report(args, stats, runs)
+    for run in runs:
+        print(run["model"], run["retrieval"], {m: (t["exact_match"], t["f1"], t["seconds_per_answer"])
+                                               for m, t in run["modes"].items()}, f"hit@{run['k']}", run[f"retrieval_hit@{run['k']}"])
+
+
+def write_report(args, stats: dict, runs: list[dict]) -> None:
+    """Write the runs to args.out, keeping other models' runs and other modes of the same model there."""
     report = {"benchmark": "qa", "date": time.strftime("%Y-%m-%d %H:%M"), "questions": args.questions,
               "documents": stats["documents"], "chunks": stats["chunks"], "tokens": stats["tokens"],
               "cpus": os.cpu_count(), "load_average_end": os.getloadavg()[0], "runs": runs}
     if args.out.exists():  # keep other runs, and other modes of the same model and retrieval
         old = {(r["model"], r["retrieval"]): r for r in json.loads(args.out.read_text()).get("runs", [])}
+        merged = []
         for run in runs:
             previous = old.pop((run["model"], run["retrieval"]), None)
-            if previous:
-                run["modes"] = {**previous["modes"], **run["modes"]}
-        report["runs"] = list(old.values()) + runs
+            merged.append({**run, "modes": {**previous["modes"], **run["modes"]}} if previous else run)
+        report["runs"] = list(old.values()) + merged
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    for run in runs:
-        print(run["model"], run["retrieval"], {m: (t["exact_match"], t["f1"], t["seconds_per_answer"])
-                                               for m, t in run["modes"].items()}, f"hit@{run['k']}", run[f"retrieval_hit@{run['k']}"])
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(args.out)
 
 
 if __name__ == "__main__":
