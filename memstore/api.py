@@ -105,7 +105,8 @@ class Memory:
             raise ValueError("the query is empty")
         if self.store.embedder is None:
             return []
-        vector = None if mode == "lexical" else self.embedder.encode([query])[0]
+        # a function, not the vector: the store runs the lexical query while the query is embedded
+        vector = None if mode == "lexical" else lambda: self.embedder.encode([query])[0]
         if not rerank:
             return self.store.search(vector, k=k, filters=filters, query=query, mode=mode)
         found = self.store.candidates(vector, max(k, RERANK_CANDIDATES), filters, query=query, mode=mode)
