@@ -143,8 +143,12 @@ def method_lists(mem, query: str, k: int, variants: bool = True,
         lists[name] = [h.chunk_id for h in hits]
     if variants:
         vector = mem.embedder.encode([query])[0]
-        lists.update(fusions(mem.store._dense(vector, HYBRID_CANDIDATES, None),
-                             mem.store._lexical(query, HYBRID_CANDIDATES, None), k))
+        dense = mem.store._dense(vector, HYBRID_CANDIDATES, None)
+        lists.update(fusions(dense, mem.store._lexical(query, HYBRID_CANDIDATES, None), k))
+        with mem.store.engine.connect() as conn:  # the lexical query without its two-word phrases
+            words_only = lexical.search(conn, query, HYBRID_CANDIDATES, None, phrases=False)
+        lists["lexical_words_only"] = [i for i, _ in words_only[:k]]
+        lists["hybrid_words_only"] = [i for i, _ in lexical.weighted_fusion(dense, words_only)[:k]]
         lists.update(rerankings(mem, query, vector, k))
     return lists, ms
 
@@ -451,7 +455,7 @@ def main() -> None:
                         "overlap": 32, "k": K, "hybrid_candidates_per_side": HYBRID_CANDIDATES,
                         "rrf_k": lexical.RRF_K, "default_fusion": f"weighted, alpha {lexical.DEFAULT_ALPHA}",
                         "weighted_alphas": list(ALPHAS),
-                        "lexical": "SQLite FTS5 bm25, porter tokenizer, query words OR-ed, stopwords left out",
+                        "lexical": "SQLite FTS5 bm25, porter tokenizer, query words and two-word phrases of neighbouring query words OR-ed, stopwords left out",
                         "reranker": dev_mem.reranker_name, "rerank_candidates": RERANK_CANDIDATES,
                         "rerank_weight": RERANK_WEIGHT, "rerank_ns": list(RERANK_NS),
                         "rerank_weights": list(RERANK_WEIGHTS),

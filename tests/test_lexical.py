@@ -46,6 +46,39 @@ def test_hybrid_keeps_the_lexical_winner(store):
     assert "Tobias" in hits[0].text
 
 
+def test_names_side_by_side_beat_the_same_names_apart(store):
+    """Two-word phrases of the query: the chunk naming "Ferdinand Vintersol" wins over a chunk that
+    has more of the query's words, but Ferdinand and Vintersol as parts of two other names."""
+    from memstore import lexical
+
+    add(store, "band.txt", ["Ferdinand Vintersol plays the bassoon in a band called The Moorcroft Owls.",
+                            "Ferdinand Lindqvist plays the bassoon in a band, and so does Anselm Vintersol: "
+                            "the bassoon band plays on Fridays."], seed=7)
+    query = "What band does Ferdinand Vintersol play the bassoon in?"
+    hits = store.search(query=query, k=2, mode="lexical")
+    assert "Moorcroft" in hits[0].text
+    with store.engine.connect() as conn:  # words alone are fooled: this test needs the phrases
+        words_only = lexical.search(conn, query, 2, phrases=False)
+    assert store.get_chunks([words_only[0][0]])[0]["text"].startswith("Ferdinand Lindqvist")
+
+
+def test_common_terms_only_rank_chunks_that_hold_a_rare_one(store, monkeypatch):
+    """With a term in more than COMMON_DF chunks, only chunks holding a rarer term are ranked, with
+    the same bm25 score as in a full ranking; a query of common terms alone still ranks them all."""
+    from memstore import lexical
+
+    if store.engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL ranks every match")
+    with store.engine.connect() as conn:
+        full = lexical.search(conn, "Ingrid bread pastries", 10)
+        common_only = lexical.search(conn, "bread pastries", 10)
+        monkeypatch.setattr(lexical, "COMMON_DF", 5)  # bread and pastries are in 9 chunks, Ingrid in 1
+        pruned = lexical.search(conn, "Ingrid bread pastries", 10)
+        assert lexical.search(conn, "bread pastries", 10) == common_only
+    assert len(full) == 9 and len(pruned) == 1
+    assert pruned[0] == full[0] and "Ingrid" in store.get_chunks([pruned[0][0]])[0]["text"]
+
+
 @pytest.mark.parametrize("query", [
     '"', '""', 'NEAR(', 'bread AND', 'bread*', '*', "bread OR NOT pastries", "col:bread",
     "'; DROP TABLE chunks; --", "bread') OR 1=1 --", "^bread", "(bread", "données café naïve",

@@ -9,7 +9,9 @@ from click.testing import CliRunner
 import memstore
 from ingest import embed
 from ingest.embed import RERANKER, EmbedderNotFound
+from memstore import lexical
 from memstore.cli import main
+from memstore.store import Candidates
 
 DOCS = {
     "garden.md": "Plants for sale: our garden shop opens at nine. Food for plants, light bulbs for plants and "
@@ -65,7 +67,16 @@ def test_rerank_lifts_the_chunk_that_answers(reranker_installed):
         for n, (start, end) in enumerate(FUNCTION_SPANS):
             mem.add_text(text[start:end], source=f"function-{n}")
         question = "In the function f(x) = 1/x, what is f?"
-        assert sources(mem.search(question, k=3)) == ["function-0", "function-1", "function-2"]
+        # query words alone (no two-word phrases) rank the answer last; the re-ranker lifts it
+        vector = mem.embedder.encode([question])[0]
+        with mem.store.engine.connect() as conn:
+            words_only = lexical.search(conn, question, 30, phrases=False)
+        fused = lexical.weighted_fusion(mem.store._dense(vector, 30, None), words_only)
+        assert sources(mem.store.hits(fused[:3])) == ["function-0", "function-1", "function-2"]
+        lifted = mem._rerank(question, Candidates(fused, words_only), 30)
+        assert sources(mem.store.hits(lifted[:3]))[0] == "function-2"
+        # as shipped, the phrase "f x" already ranks it first, and re-ranking keeps it there
+        assert sources(mem.search(question, k=3))[0] == "function-2"
         hits = mem.search(question, k=3, rerank=True)
         assert sources(hits)[0] == "function-2" and "partial function" in hits[0].text
         assert len(hits) == 3 and hits[0].score >= hits[1].score >= hits[2].score
