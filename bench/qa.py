@@ -141,6 +141,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["smollm2-135m"])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--questions", type=int, default=200)
+    parser.add_argument("--skip", type=int, default=0,
+                        help="leave out the first SKIP questions of the sample (to extend an earlier run)")
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--retrieval", default="hybrid", choices=["hybrid", "dense", "lexical"])
     parser.add_argument("--max-new-tokens", type=int, default=24)
@@ -156,7 +158,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     docs = load_jsonl(args.data / "newwiki_longdoc.docs.jsonl")
     qas = load_jsonl(args.data / "newwiki_longdoc.qas.jsonl")
-    questions = random.Random(0).sample(qas, args.questions)
+    questions = random.Random(0).sample(qas, args.questions)[args.skip:]  # a sample's prefix is a smaller sample
     args.store.parent.mkdir(parents=True, exist_ok=True)
     with build_store(args.store, docs) as mem:
         stats, runs = mem.stats(), []
