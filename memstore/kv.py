@@ -67,14 +67,19 @@ class KVMemory:
         os.utime(path)  # recently used: last to be evicted
         return dequantize(kv)
 
-    def put(self, chunk_id: int, kv: np.ndarray) -> None:
-        """Write atomically (temp file + rename), then evict down to the budget."""
+    def put(self, chunk_id: int, kv: np.ndarray) -> np.ndarray:
+        """Write atomically (temp file + rename), then evict down to the budget.
+
+        Returns what `get` will return for it (int8 rounding included), so that an answer
+        does not depend on whether its memory was just encoded or read back.
+        """
         path = self.path(chunk_id)
         tmp = path.with_suffix(".tmp.npy")
         data = quantize_int8(kv) if self.dtype == "int8" else np.ascontiguousarray(kv, dtype=np.float16)
         np.save(tmp, data)
         os.replace(tmp, path)
         self.evict()
+        return dequantize(data)
 
     def evict(self) -> int:
         files = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.dir.glob("*.npy") if not p.name.endswith(".tmp.npy")]

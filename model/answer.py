@@ -73,8 +73,7 @@ class Answerer:
         if missing:
             encoded = self.decoder.encode([chunks[i]["text"] for i in missing], prefix_ids)
             for i, kv in zip(missing, encoded):
-                store.put(chunks[i]["chunk_id"], kv)
-                found[i] = kv
+                found[i] = store.put(chunks[i]["chunk_id"], kv)
         return found
 
     def precompute(self, chunks: list[dict], batch: int = 8, progress=None) -> int:

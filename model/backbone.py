@@ -115,11 +115,34 @@ def preset_status() -> list[dict]:
     return out
 
 
-def load_backbone(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32) -> Backbone:
-    """Load a preset, a local HF folder, a local GGUF file, or a hub id already cached locally."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_dtype() -> torch.dtype:
+    """The compute dtype: $MEMSTORE_DTYPE, else bfloat16 where the CPU multiplies it natively, else float32.
+
+    On a CPU with AMX or AVX-512 BF16 (oneDNN uses them for bfloat16 matmuls) bfloat16 prefills
+    Qwen2.5-0.5B several times faster than float32 (bench/dtype.py); elsewhere bfloat16 is
+    emulated and slower, so float32 stays.
+    """
+    name = os.environ.get("MEMSTORE_DTYPE")
+    if name:
+        if name not in DTYPES:
+            raise ValueError(f"MEMSTORE_DTYPE must be one of {', '.join(DTYPES)}, not {name!r}")
+        return DTYPES[name]
+    cpu = torch.cpu
+    fast_bf16 = any(getattr(cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return torch.bfloat16 if fast_bf16 else torch.float32
+
+
+def load_backbone(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | None = None) -> Backbone:
+    """Load a preset, a local HF folder, a local GGUF file, or a hub id already cached locally.
+
+    dtype: the compute dtype, `default_dtype()` unless given.
+    """
     folder, name = resolve(name_or_path)
     try:
-        return _load_folder(folder, name, dtype=dtype)
+        return _load_folder(folder, name, dtype=dtype or default_dtype())
     except OSError as e:  # missing tokenizer or weight files, a partial hub cache
         raise BackboneNotFound(f"could not load {name_or_path} from {folder}: {e}") from e
 

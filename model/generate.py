@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from memstore.lexical import reciprocal_rank_fusion
-from model.memory import SlotCache, SlotLayout, crop_to, encode_chunks, prefill
+from model.memory import SlotCache, SlotLayout, crop_to, encode_chunks, last_logits, prefill
 
 SYSTEM = "Answer the question with a short phrase taken from the documents."
 DOCS_MARK = "\x00DOCS\x00"
@@ -132,7 +132,7 @@ class Decoder:
         for i, kv in enumerate(kv_for(chunks, parts.prefix)):
             slots.fill(i, kv)
         timings["memory_load_s"] = time.perf_counter() - t
-        logits = slots.forward(parts.suffix).logits[0, -1]
+        logits, _ = slots.forward(parts.suffix)
         refills = 0
         last_query = question
 
@@ -156,9 +156,9 @@ class Decoder:
             chunks = self._refill(slots, chunks, best_last(ranked), kv_for, parts.prefix)
             refills += 1
             slots.drop_local()
-            return slots.forward(parts.suffix + generated).logits[0, -1]
+            return slots.forward(parts.suffix + generated)[0]
 
-        generated = self._greedy(lambda ids: slots.forward(ids).logits[0, -1], logits, max_new_tokens,
+        generated = self._greedy(lambda ids: slots.forward(ids)[0], logits, max_new_tokens,
                                  on_token, started, timings, after_token=maybe_refill)
         timings["generate_s"] = time.perf_counter() - started
         attention = self._slot_attention(slots, parts.suffix, generated)[:len(chunks)]
@@ -177,7 +177,7 @@ class Decoder:
             return [0.0] * slots.layout.n_slots
         slots.drop_local()
         with eager_attention(self.model):
-            out = slots.forward(suffix + generated, output_attentions=True)
+            _, out = slots.forward(suffix + generated, output_attentions=True)
         return _span_mass(out.attentions, slots.slot_spans(), n_answer=len(generated))
 
     # ---- prompt modes (rag, truncate, full) ---------------------------------------------------
@@ -203,7 +203,7 @@ class Decoder:
         cache = DynamicCache()
 
         def step(new_ids):
-            return self.model(input_ids=torch.tensor([new_ids]), past_key_values=cache, use_cache=True).logits[0, -1]
+            return last_logits(self.model, input_ids=torch.tensor([new_ids]), past_key_values=cache, use_cache=True)[0]
 
         logits = step(ids)
         generated = self._greedy(step, logits, max_new_tokens, on_token, started, timings)
@@ -212,8 +212,8 @@ class Decoder:
         if generated and chunks:
             crop_to(cache, n_context)
             with eager_attention(self.model):
-                out = self.model(input_ids=torch.tensor([parts.suffix + generated]), past_key_values=cache,
-                                 use_cache=True, output_attentions=True)
+                out = self.model.model(input_ids=torch.tensor([parts.suffix + generated]), past_key_values=cache,
+                                       use_cache=True, output_attentions=True)
             attention = _span_mass(out.attentions, spans, n_answer=len(generated))
         return self._result(generated, chunks, attention, timings, started, 0)
 

@@ -52,8 +52,21 @@ def unrotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 @torch.no_grad()
 def prefill(model, input_ids: list[int]) -> DynamicCache:
     cache = DynamicCache()
-    model(input_ids=torch.tensor([input_ids]), past_key_values=cache, use_cache=True)
+    model.model(input_ids=torch.tensor([input_ids]), past_key_values=cache, use_cache=True)  # no logits needed
     return cache
+
+
+def last_logits(model, **forward_args) -> tuple[torch.Tensor, object]:
+    """(logits at the last position, the decoder body's output) for one forward pass.
+
+    The LM head runs on the last hidden state alone, made contiguous: with logits_to_keep=1
+    transformers hands the head a strided view, and a bfloat16 matmul on CPU then copies the
+    whole (vocab x hidden) weight, 1.2 s per call for Qwen2.5-0.5B. Logit soft-capping
+    (Gemma) is left out: it is monotonic, and the logits only feed an argmax.
+    """
+    out = model.model(**forward_args)
+    last = out.last_hidden_state[:, -1:].contiguous()
+    return model.lm_head(last)[0, -1], out
 
 
 def crop_to(cache: DynamicCache, length: int) -> None:
@@ -84,7 +97,9 @@ def encode_chunks(model, prefix: DynamicCache, chunks: list[list[int]]) -> list[
     batch_prefix = DynamicCache(ddp_cache_data=[(k.expand(len(chunks), -1, -1, -1), v.expand(len(chunks), -1, -1, -1))
                                                 for k, v in cache_layers(prefix)])
     positions = torch.arange(P, P + T)
-    model(input_ids=ids, past_key_values=batch_prefix, position_ids=positions.expand(len(chunks), -1), use_cache=True)
+    # the decoder body only: the LM head's logits for every chunk token would cost a quarter of the time
+    model.model(input_ids=ids, past_key_values=batch_prefix, position_ids=positions.expand(len(chunks), -1),
+                use_cache=True)
     cos, sin = rope_cos_sin(model, positions)
     keys = torch.stack([layer.keys[:, :, P:, :] for layer in batch_prefix.layers], dim=1)  # (B, L, H, T, D)
     values = torch.stack([layer.values[:, :, P:, :] for layer in batch_prefix.layers], dim=1)
@@ -151,17 +166,16 @@ class SlotCache:
         crop_to(self.cache, self.layout.memory_end)
 
     @torch.no_grad()
-    def forward(self, input_ids: list[int], output_attentions: bool = False):
-        """Run new local tokens after whatever the cache holds; returns the model output."""
+    def forward(self, input_ids: list[int], output_attentions: bool = False) -> tuple[torch.Tensor, object]:
+        """Run new local tokens after whatever the cache holds: (last position's logits, body output)."""
         past = self.cache.get_seq_length()
         n = len(input_ids)
         offset = past - self.layout.memory_end  # local tokens so far
         positions = torch.arange(self.layout.memory_end + offset, self.layout.memory_end + offset + n)
         mask = torch.cat([self.mask, torch.ones(offset + n, dtype=torch.long)])
-        return self.model(
-            input_ids=torch.tensor([input_ids]), past_key_values=self.cache, position_ids=positions.view(1, -1),
-            attention_mask=mask.view(1, -1), use_cache=True, output_attentions=output_attentions,
-        )
+        return last_logits(self.model, input_ids=torch.tensor([input_ids]), past_key_values=self.cache,
+                           position_ids=positions.view(1, -1), attention_mask=mask.view(1, -1), use_cache=True,
+                           output_attentions=output_attentions)
 
     def slot_spans(self) -> list[tuple[int, int]]:
         return [(self.layout.slot_start(i), self.layout.slot_start(i) + t) for i, t in enumerate(self.slot_tokens)]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from model import backbone
-from model.backbone import PRESETS, Backbone, BackboneNotFound, Preset, load_backbone
+from model.backbone import PRESETS, Backbone, BackboneNotFound, Preset, default_dtype, load_backbone
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +38,7 @@ def test_preset_loads_offline(smollm):
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     assert smollm.name == "smollm2-135m"
     assert (smollm.max_positions, smollm.n_layers, smollm.n_kv_heads, smollm.head_dim) == (8192, 30, 3, 64)
-    assert smollm.model.dtype == torch.float32 and not smollm.model.training
+    assert smollm.model.dtype == default_dtype() and not smollm.model.training
     assert not any(p.requires_grad for p in smollm.model.parameters())
     assert smollm.tokenizer.chat_template
 
@@ -123,3 +123,13 @@ def test_gguf_file_is_converted_once_then_cached(smollm, empty_cache, tmp_path, 
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
     with torch.no_grad():
         assert torch.equal(second.model(ids).logits, smollm.model(ids).logits)
+
+
+def test_dtype_follows_the_environment(monkeypatch):
+    monkeypatch.setenv("MEMSTORE_DTYPE", "float32")
+    assert default_dtype() == torch.float32
+    monkeypatch.setenv("MEMSTORE_DTYPE", "bfloat16")
+    assert default_dtype() == torch.bfloat16
+    monkeypatch.setenv("MEMSTORE_DTYPE", "int3")
+    with pytest.raises(ValueError, match="MEMSTORE_DTYPE must be one of float32, bfloat16, float16"):
+        default_dtype()
