@@ -108,8 +108,9 @@ def run_model(mem, model: str, questions: list[dict], modes: list[str], k: int, 
                                    document_text=lambda: mem.store.document_text(doc_id))
                 gen = ans
             em, f = score(gen.text, qa["answers"])
-            rows[mode].append({"em": em, "f1": f, "seconds": time.perf_counter() - started,
-                               "ttft_s": gen.timings.get("ttft_s"), "text": gen.text})
+            rows[mode].append({"id": qa["id"], "em": em, "f1": f, "seconds": round(time.perf_counter() - started, 3),
+                               "ttft_s": gen.timings.get("ttft_s"), "text": gen.text,
+                               "refills": getattr(gen, "refills", 0)})
         if n % 10 == 0:
             summary = {m: round(100 * sum(r["f1"] for r in rs) / len(rs), 1) for m, rs in rows.items()}
             print(f"{model} {n}/{len(questions)} F1 {summary} load {os.getloadavg()[0]:.1f}", flush=True)
@@ -131,9 +132,10 @@ def summarize(model, retrieval, k, questions, rows, hits) -> dict:
             "measured": time.strftime("%Y-%m-%d %H:%M"),
             "examples": [{"question": q["question"], "answers": q["answers"], "prediction": r["text"]}
                          for q, r in list(zip(questions, rs))[:5]],
+            "answers": rs,  # per question, in sample order: paired comparisons between modes
         }
     return {"model": model, "retrieval": retrieval, "k": k, f"retrieval_hit@{k}": round(sum(hits) / len(hits), 3),
-            "modes": table}
+            "retrieval_hits": dict(zip((q["id"] for q in questions), hits)), "modes": table}
 
 
 def main() -> None:

@@ -31,8 +31,9 @@ def test_zero_rows_survive_quantization():
 def test_store_returns_what_was_put(tmp_path, dtype):
     mem = KVMemory(tmp_path, "model-x", dtype=dtype)
     kv = kv_like()
-    mem.put(7, kv)
+    put = mem.put(7, kv)
     got = mem.get(7).astype(np.float32)
+    assert np.array_equal(put, mem.get(7))  # what put returns is what every later read gives
     step = np.abs(kv).max(axis=-1, keepdims=True) / 127  # int8: half a step per row; fp16: 11 bits
     tolerance = 1e-3 * np.abs(kv) + 1e-4 if dtype == "fp16" else 0.51 * step + 1e-3
     assert got.shape == kv.shape and np.all(np.abs(got - kv) <= tolerance)
