@@ -8,6 +8,7 @@ All 48 documents go into one store (200-token chunks). For a fixed sample of que
   rag       the top-k retrieved chunks pasted as text
   memory    the same chunks in memory slots of the KV cache, refilled while decoding
   memory_static  memory slots filled once from the question (retrieve_every=0)
+  memory_unbiased  memory mode without the attention bias on the lesser slots (SLOT_BIAS = 0)
 Retrieval hit@k (the answer's char offset inside a retrieved chunk of the right document)
 shows how much of the gap to the oracle is retrieval's.
 
@@ -26,9 +27,10 @@ import time
 from pathlib import Path
 
 import memstore
+from model.generate import SLOT_BIAS
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-MODES = ("closed", "oracle", "truncate", "rag", "memory", "memory_static")
+MODES = ("closed", "oracle", "truncate", "rag", "memory", "memory_static", "memory_unbiased")
 
 
 # ---- SQuAD scoring ---------------------------------------------------------------------------
@@ -102,11 +104,11 @@ def run_model(mem, model: str, questions: list[dict], modes: list[str], k: int, 
                 chunk = answer_chunk(mem, doc_id, qa["answer_char"])
                 gen = answerer.decoder.prompt(qa["question"], [chunk] if chunk else [], max_new_tokens=max_new_tokens)
             else:
-                ans = answerer.ask(qa["question"], lambda text: [h.to_dict() for h in mem.search(text, k=k, mode=retrieval)],
-                                   mode="memory" if mode == "memory_static" else mode, k=k,
-                                   max_new_tokens=max_new_tokens, retrieve_every=0 if mode == "memory_static" else 1,
+                answerer.decoder.slot_bias = 0.0 if mode == "memory_unbiased" else SLOT_BIAS
+                gen = answerer.ask(qa["question"], lambda text: [h.to_dict() for h in mem.search(text, k=k, mode=retrieval)],
+                                   mode=mode.split("_")[0], k=k, max_new_tokens=max_new_tokens,
+                                   retrieve_every=0 if mode == "memory_static" else 1,
                                    document_text=lambda: mem.store.document_text(doc_id))
-                gen = ans
             em, f = score(gen.text, qa["answers"])
             rows[mode].append({"id": qa["id"], "em": em, "f1": f, "seconds": round(time.perf_counter() - started, 3),
                                "ttft_s": gen.timings.get("ttft_s"), "text": gen.text,

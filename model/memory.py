@@ -140,6 +140,7 @@ class SlotCache:
         self.cache = DynamicCache(ddp_cache_data=layers)
         self.mask = torch.zeros(end, dtype=torch.long)  # 1 = attend, 0 = empty slot padding
         self.mask[:P] = 1
+        self.bias = torch.zeros(end)  # added to the attention logits of queries onto these positions
         self.slot_tokens = [0] * layout.n_slots  # how many real tokens each slot holds
         cos, sin = rope_cos_sin(model, torch.arange(layout.memory_end))
         self._cos, self._sin = cos, sin
@@ -161,6 +162,11 @@ class SlotCache:
         self.mask[a:a + T] = 1
         self.slot_tokens[i] = T
 
+    def set_bias(self, i: int, bias: float) -> None:
+        """Add `bias` to every attention logit onto slot i (its attention weight times e^bias)."""
+        a = self.layout.slot_start(i)
+        self.bias[a:a + self.layout.slot_len] = bias
+
     def drop_local(self) -> None:
         """Forget everything after the slots (question and generated tokens)."""
         crop_to(self.cache, self.layout.memory_end)
@@ -172,10 +178,16 @@ class SlotCache:
         n = len(input_ids)
         offset = past - self.layout.memory_end  # local tokens so far
         positions = torch.arange(self.layout.memory_end + offset, self.layout.memory_end + offset + n)
-        mask = torch.cat([self.mask, torch.ones(offset + n, dtype=torch.long)])
         return last_logits(self.model, input_ids=torch.tensor([input_ids]), past_key_values=self.cache,
-                           position_ids=positions.view(1, -1), attention_mask=mask.view(1, -1), use_cache=True,
-                           output_attentions=output_attentions)
+                           position_ids=positions.view(1, -1), attention_mask=self._attention_mask(n, offset),
+                           use_cache=True, output_attentions=output_attentions)
+
+    def _attention_mask(self, n: int, offset: int) -> torch.Tensor:
+        """(1, 1, n, memory_end + offset + n) additive mask for n new local tokens after `offset` older
+        ones: the slot biases on the memory, -inf on empty slot padding, causal over local tokens."""
+        memory = self.bias.masked_fill(self.mask == 0, float("-inf")).expand(n, -1)
+        local = torch.full((n, offset + n), float("-inf")).triu(offset + 1)
+        return torch.cat([memory, local], dim=1)[None, None].to(self.cache.layers[0].keys.dtype)
 
     def slot_spans(self) -> list[tuple[int, int]]:
         return [(self.layout.slot_start(i), self.layout.slot_start(i) + t) for i, t in enumerate(self.slot_tokens)]

@@ -126,3 +126,28 @@ def test_kv_budget_evicts_least_recently_used(tmp_path):
     os.utime(kv.path(1), (time.time() - 100, time.time() - 100))  # 1 is the stalest
     kv.put(3, entry)
     assert kv.get(1) is None and all(kv.get(c) is not None for c in (0, 2, 3))
+
+
+def test_slot_bias_scales_attention_to_that_slot_only(tiny):
+    """A bias on a slot is added to the attention logits onto it: a huge negative one hides the slot."""
+    prefix, chunks, question = [1, 2, 3], [[10, 11, 12], [30, 31, 32, 33]], [20, 21]
+    prefix_cache = prefill(tiny, prefix)
+    kvs = encode_chunks(tiny, prefix_cache, chunks)
+
+    def logits(bias_on_slot1=None, fill_slot1=True):
+        slots = SlotCache(tiny, prefix_cache, SlotLayout(3, 2, 4))
+        slots.fill(0, kvs[0])
+        if fill_slot1:
+            slots.fill(1, kvs[1])
+        if bias_on_slot1 is not None:
+            slots.set_bias(1, bias_on_slot1)
+        first, _ = slots.forward(question[:1])
+        second, _ = slots.forward(question[1:])  # a decoding step sees the bias too
+        return first, second
+
+    empty = logits(fill_slot1=False)
+    for got, want in zip(logits(bias_on_slot1=-1e4), empty):
+        torch.testing.assert_close(got, want)
+    for got, want in zip(logits(bias_on_slot1=0.0), logits()):
+        torch.testing.assert_close(got, want)
+    assert not torch.allclose(logits(bias_on_slot1=-1.0)[1], logits()[1])
