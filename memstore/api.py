@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 # needles at rank 1; min-max on the lexical side too loses more needles for the same gain; the
 # cosine alone is far worse than hybrid (MRR 0.71, 0.16 of needles at rank 1). N 20-50: same.
 RERANK_CANDIDATES = 30
+DEFAULT_KV_BUDGET_GIB = 4.0
 RERANK_WEIGHT = 0.3
 
 
@@ -190,26 +191,35 @@ class Memory:
         if self.store.stats()["chunks"] == 0:
             raise MemstoreError("the store is empty; ingest documents first (`memstore ingest PATH`)")
 
-    def build_kv(self, model: str | None = None, *, budget_gib: float = 4.0, progress: bool | None = False) -> dict:
-        """Compute the KV memory of every chunk for `model` now, instead of on first retrieval."""
+    def build_kv(self, model: str | None = None, *, budget_gib: float | None = None,
+                 progress: bool | None = False) -> dict:
+        """Compute the KV memory of every chunk for `model` now, instead of on first retrieval.
+
+        budget_gib: the largest KV memory on disk, kept in the store for every later ask
+        (default: the store's, 4 GiB until one is set).
+        """
         from tqdm import tqdm
 
         answerer = self._answerer(model or DEFAULT_MODEL, budget_gib)
         chunks = self.store.all_chunks()
         started = time.perf_counter()
         with tqdm(total=len(chunks), unit="chunk", desc="kv", disable=not progress) as bar:
-            encoded = answerer.precompute(chunks, progress=bar.update)
+            encoded = answerer.precompute(chunks, progress=bar.update)  # refuses a budget too small
+        if budget_gib is not None:
+            self.store.set_setting("kv_budget_gib", float(budget_gib))
         kv = answerer.kv_memory(PromptParts(answerer.backbone.tokenizer, "").prefix)
         return {"model": answerer.backbone.name, "chunks": len(chunks), "encoded": encoded,
                 "kv_bytes": kv.nbytes(), "seconds": round(time.perf_counter() - started, 2)}
 
-    def _answerer(self, model: str, budget_gib: float = 4.0):
+    def _answerer(self, model: str, budget_gib: float | None = None):
+        """The model's Answerer, loaded once, with the KV budget given or else the store's."""
         from model.answer import Answerer
         from model.backbone import load_backbone
 
         if model not in self._answerers:
             self._answerers[model] = Answerer(load_backbone(model), self.store.kv_dir)
-        self._answerers[model].kv_budget_bytes = int(budget_gib * 2**30)
+        budget = budget_gib if budget_gib is not None else self.store.get_setting("kv_budget_gib", DEFAULT_KV_BUDGET_GIB)
+        self._answerers[model].kv_budget_bytes = int(budget * 2**30)
         return self._answerers[model]
 
     def delete(self, source_or_id: str | int) -> bool:

@@ -79,7 +79,8 @@ def main():
 @click.option("--meta", multiple=True, metavar="KEY=VALUE", help="User metadata for every document of this run (repeatable).")
 @click.option("--kv", is_flag=True, help="Also compute every chunk's KV memory for --model now (else lazily at ask time).")
 @click.option("--model", default=None, help="Model for --kv (default: qwen2.5-0.5b, or $MEMSTORE_MODEL).")
-@click.option("--kv-budget", default=4.0, show_default=True, help="Largest KV memory on disk, GiB.")
+@click.option("--kv-budget", type=float, default=None,
+              help="Largest KV memory on disk, GiB; kept in the store for later asks (default: the store's, else 4).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
 @json_option
 @friendly_errors

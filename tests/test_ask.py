@@ -107,6 +107,9 @@ def test_ingest_kv_precomputes_the_memory(tmp_path):
         answer = mem.ask("What is the capital of Freedonia?", k=1, retrieve_every=0)
     assert "Zorbaville" in answer.text
     assert set((tmp_path / "kb" / "kv").glob("*/*.npy")) == set(files)  # ask used the precomputed memory
+    runner.invoke(main, ["ingest", str(docs), "--store", str(tmp_path / "kb"), "--kv", "--kv-budget", "9"])
+    with memstore.open(tmp_path / "kb") as mem:  # a later process keeps the budget the store was given
+        assert mem._answerer("smollm2-135m").kv_budget_bytes == 9 * 2**30
 
 
 def test_whole_text_keeps_source_order_when_a_document_is_replaced(tmp_path):
