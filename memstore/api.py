@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 # needles at rank 1; min-max on the lexical side too loses more needles for the same gain; the
 # cosine alone is far worse than hybrid (MRR 0.71, 0.16 of needles at rank 1). N 20-50: same.
 RERANK_CANDIDATES = 30
-DEFAULT_KV_BUDGET_GIB = 4.0
 RERANK_WEIGHT = 0.3
+DEFAULT_KV_BUDGET_GIB = 4.0  # until `build_kv(budget_gib=...)` (`ingest --kv --kv-budget`) sets the store's own
 
 
 class Memory:

@@ -130,8 +130,8 @@ def default_dtype() -> torch.dtype:
         if name not in DTYPES:
             raise ValueError(f"MEMSTORE_DTYPE must be one of {', '.join(DTYPES)}, not {name!r}")
         return DTYPES[name]
-    cpu = torch.cpu
-    fast_bf16 = any(getattr(cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private, hence the getattr
+    fast_bf16 = any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
     return torch.bfloat16 if fast_bf16 else torch.float32
 
 

@@ -151,3 +151,20 @@ def test_slot_bias_scales_attention_to_that_slot_only(tiny):
     for got, want in zip(logits(bias_on_slot1=0.0), logits()):
         torch.testing.assert_close(got, want)
     assert not torch.allclose(logits(bias_on_slot1=-1.0)[1], logits()[1])
+
+
+def test_memory_mode_biases_every_slot_but_the_best_chunks(tiny):
+    """With a prohibitive bias, whatever sits in the lesser slot cannot change the answer."""
+    tiny.generation_config.eos_token_id = None
+    best = {"chunk_id": 1, "text": "alpha facts here", "document_id": 1, "source": "a", "char_start": 0, "char_end": 16}
+    others = [{"chunk_id": 2, "text": "beta notes", "document_id": 2, "source": "b", "char_start": 0, "char_end": 10},
+              {"chunk_id": 3, "text": "gamma gamma gamma", "document_id": 3, "source": "c", "char_start": 0, "char_end": 17}]
+
+    def answer(other, bias):
+        decoder = Decoder(tiny, FakeTokenizer(), max_positions=2048, slot_len=24, slot_bias=bias)
+        gen = decoder.memory("q?", lambda text: [best, other], lambda chunks, prefix: decoder.encode(
+            [c["text"] for c in chunks], prefix), k=2, max_new_tokens=8, retrieve_every=0)
+        return gen.token_ids
+
+    assert answer(others[0], -1e4) == answer(others[1], -1e4)
+    assert answer(others[0], 0.0) != answer(others[1], 0.0)  # unbiased, the lesser slot is read
