@@ -496,13 +496,20 @@ def main() -> None:
     log(started, "model loaded and warmed up")
 
     rows: list[dict] = []
-    kept = []  # with --merge: the other modes' trials from the existing report
+    kept, kept_stores = [], []  # with --merge: the trials of other modes or other lengths in the existing report
     if args.merge and out.exists():
-        kept = [r for r in json.loads(out.read_text())["trials"] if r["mode"] not in args.modes]
-        report["merged"] = f"trials of {', '.join(args.modes)} re-run {report['date']}; other modes' kept from the earlier run"
+        earlier = json.loads(out.read_text())
+        run_now = {cum[bisect.bisect_left(cum, L)] for L in lengths}
+        kept = [r for r in earlier["trials"] if r["mode"] not in args.modes or r["length"] not in run_now]
+        kept_stores = [s for s in earlier.get("stores", []) if s["length_asked"] not in map(label, lengths)]
+        report["settings"]["lengths_asked"] = sorted({s["length_asked"] for s in kept_stores} | set(map(label, lengths)),
+                                                     key=parse_length)
+        report["settings"]["modes"] = sorted({r["mode"] for r in kept} | set(args.modes))
+        report["merged"] = (f"{', '.join(args.modes)} at {', '.join(map(label, lengths))} run {report['date']}; "
+                            f"other trials kept from the report of {earlier['date']}")
     truncate_cache: dict = {}
     previous = None
-    report["stores"] = []
+    report["stores"] = kept_stores
     for L in lengths:
         n = bisect.bisect_left(cum, L)  # first n documents hold at least L tokens
         hay = docs[:n]

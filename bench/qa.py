@@ -122,22 +122,57 @@ def run_model(mem, model: str, questions: list[dict], modes: list[str], k: int, 
 
 
 def summarize(model, retrieval, k, questions, rows, hits) -> dict:
-    table = {}
-    for mode, rs in rows.items():
-        ttfts = [r["ttft_s"] for r in rs if r["ttft_s"] is not None]
-        table[mode] = {
-            "exact_match": round(100 * sum(r["em"] for r in rs) / len(rs), 1),
-            "f1": round(100 * sum(r["f1"] for r in rs) / len(rs), 1),
-            "seconds_per_answer": round(sum(r["seconds"] for r in rs) / len(rs), 3),
-            "ttft_s": round(sum(ttfts) / len(ttfts), 3) if ttfts else None,
-            "questions": len(rs),
-            "measured": time.strftime("%Y-%m-%d %H:%M"),
-            "examples": [{"question": q["question"], "answers": q["answers"], "prediction": r["text"]}
-                         for q, r in list(zip(questions, rs))[:5]],
-            "answers": rs,  # per question, in sample order: paired comparisons between modes
-        }
+    table = {mode: mode_table(rs, [{"question": q["question"], "answers": q["answers"], "prediction": r["text"]}
+                                   for q, r in list(zip(questions, rs))[:5]])
+             for mode, rs in rows.items()}
     return {"model": model, "retrieval": retrieval, "k": k, f"retrieval_hit@{k}": round(sum(hits) / len(hits), 3),
             "retrieval_hits": dict(zip((q["id"] for q in questions), hits)), "modes": table}
+
+
+def mode_table(rs: list[dict], examples: list[dict], measured: str | None = None) -> dict:
+    ttfts = [r["ttft_s"] for r in rs if r["ttft_s"] is not None]
+    return {
+        "exact_match": round(100 * sum(r["em"] for r in rs) / len(rs), 1),
+        "f1": round(100 * sum(r["f1"] for r in rs) / len(rs), 1),
+        "seconds_per_answer": round(sum(r["seconds"] for r in rs) / len(rs), 3),
+        "ttft_s": round(sum(ttfts) / len(ttfts), 3) if ttfts else None,
+        "questions": len(rs),
+        "measured": measured or time.strftime("%Y-%m-%d %H:%M"),
+        "examples": examples,
+        "answers": rs,  # per question, in sample order: paired comparisons between modes
+    }
+
+
+def combine(paths: list[Path], out: Path) -> None:
+    """Join reports of consecutive parts of one sample (a run, then its --skip extensions) into `out`.
+
+    Per model, retrieval and mode the answers are concatenated in the order of `paths` (a question
+    answered twice keeps its first answer) and the table is recomputed; the dates measured are kept."""
+    reports = [json.loads(p.read_text()) for p in paths]
+    joined: dict = {}
+    for report in reports:
+        for run in report["runs"]:
+            into = joined.setdefault((run["model"], run["retrieval"]), {**run, "modes": {}, "retrieval_hits": {}})
+            into["retrieval_hits"].update({q: h for q, h in run["retrieval_hits"].items() if q not in into["retrieval_hits"]})
+            into["kv_build"] = into.get("kv_build") or run.get("kv_build")
+            for mode, table in run["modes"].items():
+                acc = into["modes"].setdefault(mode, {"answers": [], "examples": table["examples"], "measured": []})
+                seen = {r["id"] for r in acc["answers"]}
+                acc["answers"] += [r for r in table["answers"] if r["id"] not in seen]
+                acc["measured"].append(table["measured"])
+    runs = []
+    for run in joined.values():
+        k = run["k"]
+        hits = list(run["retrieval_hits"].values())
+        run[f"retrieval_hit@{k}"] = round(sum(hits) / len(hits), 3)
+        run["modes"] = {mode: mode_table(acc["answers"], acc["examples"], ", ".join(sorted(set(acc["measured"]))))
+                        for mode, acc in run["modes"].items()}
+        runs.append(run)
+    last = reports[-1]
+    report = {**{key: last[key] for key in ("benchmark", "documents", "chunks", "tokens", "cpus")},
+              "date": time.strftime("%Y-%m-%d %H:%M"), "questions": max(r["questions"] for r in reports),
+              "joined_from": [p.name for p in paths], "runs": runs}
+    out.write_text(json.dumps(report, indent=2))
 
 
 def main() -> None:
@@ -158,7 +193,11 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=Path("bench/data/newwiki-store"))
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--out", type=Path, default=Path("bench/results/qa.json"))
+    parser.add_argument("--combine", nargs="+", type=Path, metavar="REPORT",
+                        help="only join these reports (a run and its --skip extensions) into --out")
     args = parser.parse_args()
+    if args.combine:
+        return combine(args.combine, args.out)
 
     if args.threads:
         import torch
