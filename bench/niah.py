@@ -412,6 +412,7 @@ def heatmap(cells: list[dict], title: str, path: Path, model: str) -> None:
 def write_report(report: dict, rows: list[dict], out: Path) -> None:
     cells, summary = summarize(rows) if rows else ({}, {})
     report.update(cells=cells, summary=summary, ttft_rag_over_memory=ttft_ratios(summary), trials=rows)
+    report["stores"].sort(key=lambda s: s["haystack_tokens"])  # merged reports add lengths out of order
     if summary:
         mem = summary.get("memory_cold")
         longest = max(r["length"] for r in rows)
