@@ -152,9 +152,10 @@ def combine(paths: list[Path], out: Path) -> None:
     joined: dict = {}
     for report in reports:
         for run in report["runs"]:
-            into = joined.setdefault((run["model"], run["retrieval"]), {**run, "modes": {}, "retrieval_hits": {}})
+            into = joined.setdefault((run["model"], run["retrieval"]),
+                                     {**run, "modes": {}, "retrieval_hits": {}, "kv_build": []})
             into["retrieval_hits"].update({q: h for q, h in run["retrieval_hits"].items() if q not in into["retrieval_hits"]})
-            into["kv_build"] = into.get("kv_build") or run.get("kv_build")
+            into["kv_build"] += [run["kv_build"]] if run.get("kv_build") else []  # one per part run
             for mode, table in run["modes"].items():
                 acc = into["modes"].setdefault(mode, {"answers": [], "examples": table["examples"], "measured": []})
                 seen = {r["id"] for r in acc["answers"]}
