@@ -25,7 +25,7 @@ from bench.qa import DATA, build_store, load_jsonl, score
 from model.answer import Answerer
 from model.backbone import load_backbone
 from model.generate import PromptParts, chunk_token_ids
-from model.memory import last_logits
+from model.memory import cache_arg, last_logits
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -35,12 +35,12 @@ def time_prompt(model, ids: list[int], new_tokens: int) -> tuple[float, float]:
     """(prefill seconds, seconds per decoded token) for one prompt."""
     cache = DynamicCache()
     started = time.perf_counter()
-    logits, _ = last_logits(model, input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
+    logits, _ = last_logits(model, input_ids=torch.tensor([ids]), **cache_arg(model, cache), use_cache=True)
     prefill = time.perf_counter() - started
     started = time.perf_counter()
     for _ in range(new_tokens):
         token = logits.argmax().view(1, 1)
-        logits, _ = last_logits(model, input_ids=token, past_key_values=cache, use_cache=True)
+        logits, _ = last_logits(model, input_ids=token, **cache_arg(model, cache), use_cache=True)
     return prefill, (time.perf_counter() - started) / new_tokens
 
 

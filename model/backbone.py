@@ -226,7 +226,8 @@ def _converted(name: str, make_gguf) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
     try:
         gguf = make_gguf(tmp)
-        log.warning("converting %s to safetensors once (about a minute per 100M parameters); cache: %s", gguf.name, target)
+        log.warning("converting %s to safetensors once (half a minute per billion parameters on 2 cores); cache: %s",
+                    gguf.name, target)
         _convert_gguf(gguf, tmp / "model")
         if target.exists() and not (target / "config.json").exists():  # leftover of an old layout
             shutil.rmtree(target, ignore_errors=True)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from memstore.lexical import reciprocal_rank_fusion
-from model.memory import SlotCache, SlotLayout, crop_to, encode_chunks, last_logits, prefill
+from model.memory import SlotCache, SlotLayout, cache_arg, crop_to, encode_chunks, last_logits, prefill
 
 SYSTEM = "Answer the question with a short phrase taken from the documents."
 # Added to the attention logits onto every memory slot but the best-ranked chunk's (their
@@ -217,7 +217,8 @@ class Decoder:
         cache = DynamicCache()
 
         def step(new_ids):
-            return last_logits(self.model, input_ids=torch.tensor([new_ids]), past_key_values=cache, use_cache=True)[0]
+            return last_logits(self.model, input_ids=torch.tensor([new_ids]), **cache_arg(self.model, cache),
+                               use_cache=True)[0]
 
         logits = step(ids)
         generated = self._greedy(step, logits, max_new_tokens, on_token, started, timings)
@@ -226,8 +227,8 @@ class Decoder:
         if generated and chunks:
             crop_to(cache, n_context)
             with eager_attention(self.model):
-                out = self.model.model(input_ids=torch.tensor([parts.suffix + generated]), past_key_values=cache,
-                                       use_cache=True, output_attentions=True)
+                out = self.model.model(input_ids=torch.tensor([parts.suffix + generated]),
+                                       **cache_arg(self.model, cache), use_cache=True, output_attentions=True)
             attention = _span_mass(out.attentions, spans, n_answer=len(generated))
         return self._result(generated, chunks, attention, timings, started, 0)
 

@@ -14,6 +14,7 @@ in the prompt at that place, without re-running it.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,10 +50,20 @@ def unrotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 # ---- encoding chunks -------------------------------------------------------------------------
 
+def cache_arg(model, cache) -> dict:
+    """The keyword argument that hands a KV cache to the decoder body.
+
+    Recent transformers 5.x releases renamed `past_key_values` to `cache` (the old name warns
+    on every call and goes in 5.40); older ones only know `past_key_values`.
+    """
+    takes_cache = "cache" in inspect.signature(type(model.model).forward).parameters
+    return {"cache": cache} if takes_cache else {"past_key_values": cache}
+
+
 @torch.no_grad()
 def prefill(model, input_ids: list[int]) -> DynamicCache:
     cache = DynamicCache()
-    model.model(input_ids=torch.tensor([input_ids]), past_key_values=cache, use_cache=True)  # no logits needed
+    model.model(input_ids=torch.tensor([input_ids]), **cache_arg(model, cache), use_cache=True)  # no logits needed
     return cache
 
 
@@ -98,7 +109,7 @@ def encode_chunks(model, prefix: DynamicCache, chunks: list[list[int]]) -> list[
                                                 for k, v in cache_layers(prefix)])
     positions = torch.arange(P, P + T)
     # the decoder body only: the LM head's logits for every chunk token would cost a quarter of the time
-    model.model(input_ids=ids, past_key_values=batch_prefix, position_ids=positions.expand(len(chunks), -1),
+    model.model(input_ids=ids, **cache_arg(model, batch_prefix), position_ids=positions.expand(len(chunks), -1),
                 use_cache=True)
     cos, sin = rope_cos_sin(model, positions)
     keys = torch.stack([layer.keys[:, :, P:, :] for layer in batch_prefix.layers], dim=1)  # (B, L, H, T, D)
@@ -178,7 +189,7 @@ class SlotCache:
         n = len(input_ids)
         offset = past - self.layout.memory_end  # local tokens so far
         positions = torch.arange(self.layout.memory_end + offset, self.layout.memory_end + offset + n)
-        return last_logits(self.model, input_ids=torch.tensor([input_ids]), past_key_values=self.cache,
+        return last_logits(self.model, input_ids=torch.tensor([input_ids]), **cache_arg(self.model, self.cache),
                            position_ids=positions.view(1, -1), attention_mask=self._attention_mask(n, offset),
                            use_cache=True, output_attentions=output_attentions)
 
