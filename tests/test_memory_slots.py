@@ -1,5 +1,8 @@
 """Memory slots on a real (tiny, randomly initialised) Llama: exact RoPE re-rotation, slots
 equal to the prompt they replace, refill during decoding, and KV files that follow their chunks."""
+import inspect
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +12,8 @@ from conftest import unit_vectors
 from memstore.kv import KVMemory
 from memstore.store import ChunkIn, DocumentIn, MemoryStore
 from model.generate import Decoder
-from model.memory import SlotCache, SlotLayout, encode_chunks, prefill, rope_cos_sin, rotate, unrotate
+from model.memory import (SlotCache, SlotLayout, cache_arg, encode_chunks, prefill, rope_cos_sin, rotate,
+                          unrotate)
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +49,19 @@ def test_one_slot_is_the_prompt_it_replaces(tiny):
     slots.fill(0, kv)
     got, _ = slots.forward(question)
     torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)  # fp16 storage of the memory
+
+
+def test_the_cache_goes_by_the_name_the_installed_transformers_takes(tiny):
+    """No deprecation warning per forward pass: past_key_values= warns once renamed to cache=."""
+    [name] = cache_arg(tiny, None)
+    assert name in inspect.signature(type(tiny.model).forward).parameters
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        prefix_cache = prefill(tiny, [1, 2, 3])
+        [kv] = encode_chunks(tiny, prefix_cache, [[10, 11, 12]])
+        slots = SlotCache(tiny, prefix_cache, SlotLayout(3, 1, 4))
+        slots.fill(0, kv)
+        slots.forward([20, 21])
 
 
 def test_padding_in_a_slot_is_masked(tiny):
