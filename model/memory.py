@@ -14,6 +14,7 @@ in the prompt at that place, without re-running it.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -56,8 +57,12 @@ def cache_arg(model, cache) -> dict:
     Recent transformers 5.x releases renamed `past_key_values` to `cache` (the old name warns
     on every call and goes in 5.40); older ones only know `past_key_values`.
     """
-    takes_cache = "cache" in inspect.signature(type(model.model).forward).parameters
-    return {"cache": cache} if takes_cache else {"past_key_values": cache}
+    return {_cache_keyword(type(model.model)): cache}
+
+
+@functools.cache
+def _cache_keyword(body_class) -> str:  # once per class: cache_arg runs at every decoding step
+    return "cache" if "cache" in inspect.signature(body_class.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
