@@ -141,7 +141,8 @@ def split_long(paragraph: str, n_tokens: int, limit: int) -> list[str]:
     return [" ".join(words[i:i + per]) + ("\n\n" if i + per < len(words) else "") for i in range(0, len(words), per)]
 
 
-def filler_documents(files: list[Path], tokenizer, need_tokens: int, doc_tokens: int = DOC_TOKENS) -> list[Doc]:
+def filler_documents(files: list[Path], tokenizer, need_tokens: int, doc_tokens: int = DOC_TOKENS,
+                     prefix: str = "niah") -> list[Doc]:
     """Documents of about `doc_tokens` tokens, never across a file, until `need_tokens` are reached."""
     count = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
     docs, total = [], 0
@@ -157,13 +158,13 @@ def filler_documents(files: list[Path], tokenizer, need_tokens: int, doc_tokens:
             pieces += [(p, count(p) if k > doc_tokens else k) for p in split_long(block.text, k, doc_tokens)]
         for piece, k in pieces:
             if parts and n + k > doc_tokens:
-                docs.append(Doc(f"niah/{len(docs):05d}-{origin}", title, "".join(parts), n))
+                docs.append(Doc(f"{prefix}/{len(docs):05d}-{origin}", title, "".join(parts), n))
                 total += n
                 parts, n = [], 0
             parts.append(piece)
             n += k
         if parts and "".join(parts).strip():
-            docs.append(Doc(f"niah/{len(docs):05d}-{origin}", title, "".join(parts), n))
+            docs.append(Doc(f"{prefix}/{len(docs):05d}-{origin}", title, "".join(parts), n))
             total += n
         if total >= need_tokens:
             break
@@ -188,12 +189,12 @@ def snapshot_name(docs: list[Doc]) -> str:
     return f"store-{len(docs)}-{digest[:10]}"
 
 
-def filler_store(docs: list[Doc], previous: Path | None, started: float) -> tuple[Path, float]:
+def filler_store(docs: list[Doc], previous: Path | None, started: float, data: Path = DATA) -> tuple[Path, float]:
     """The cached store holding exactly `docs`, built from `previous` (a store of a prefix of them)."""
-    snap = DATA / snapshot_name(docs)
+    snap = data / snapshot_name(docs)
     if (snap / "DONE").exists():
         return snap, 0.0
-    tmp = DATA / f".building-{snap.name}"
+    tmp = data / f".building-{snap.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     if previous is not None and (previous / "DONE").exists():
         shutil.copytree(previous, tmp, ignore=shutil.ignore_patterns("kv", "DONE", "write.lock"))

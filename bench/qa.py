@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import memstore
-from model.generate import SLOT_BIAS
+from model.generate import FOLLOW_SLOTS, SLOT_BIAS
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MODES = ("closed", "oracle", "truncate", "rag", "memory", "memory_static", "memory_unbiased")
@@ -108,7 +108,9 @@ def run_model(mem, model: str, questions: list[dict], modes: list[str], k: int, 
                 gen = answerer.ask(qa["question"], lambda text: [h.to_dict() for h in mem.search(text, k=k, mode=retrieval)],
                                    mode=mode.split("_")[0], k=k, max_new_tokens=max_new_tokens,
                                    retrieve_every=0 if mode == "memory_static" else 1,
-                                   document_text=lambda: mem.store.document_text(doc_id))
+                                   document_text=lambda: mem.store.document_text(doc_id),
+                                   follow=lambda terms: [h.to_dict() for h in mem.search(
+                                       terms, k=k + FOLLOW_SLOTS, mode="lexical")])
             em, f = score(gen.text, qa["answers"])
             rows[mode].append({"id": qa["id"], "em": em, "f1": f, "seconds": round(time.perf_counter() - started, 3),
                                "ttft_s": gen.timings.get("ttft_s"), "text": gen.text,

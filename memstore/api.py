@@ -19,7 +19,7 @@ from memstore.errors import EmbedderMismatchError, MemstoreError
 from memstore.index import IndexConfig
 from memstore.store import Candidates, DocumentIn, Hit, MemoryStore
 from model.backbone import DEFAULT_MODEL
-from model.generate import PromptParts
+from model.generate import FOLLOW_SLOTS, PromptParts
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +164,12 @@ class Memory:
         self.require_chunks()
         answerer = self._answerer(model or DEFAULT_MODEL)
 
-        def retrieve(text: str) -> list[dict]:
-            return [h.to_dict() for h in self.search(text, k=k, filters=filters)]
+        def retrieve(text: str, search_mode: str = "hybrid", n: int = k) -> list[dict]:
+            return [h.to_dict() for h in self.search(text, k=n, filters=filters, mode=search_mode)]
 
         return answerer.ask(question, retrieve, mode=mode, k=k, max_new_tokens=max_new_tokens,
                             retrieve_every=retrieve_every, document_text=lambda: self.whole_text(filters),
-                            on_token=on_token)
+                            on_token=on_token, follow=lambda terms: retrieve(terms, "lexical", k + FOLLOW_SLOTS))
 
     def whole_text(self, filters: dict | None = None) -> str:
         """The documents' texts (those matching `filters`) in order of source, as modes truncate and full read them.

@@ -99,7 +99,7 @@ class Answerer:
 
     def ask(self, question: str, retrieve: Callable[[str], list[dict]], *, mode: str = "memory", k: int = 4,
             max_new_tokens: int = 32, retrieve_every: int = 1, document_text: Callable[[], str] | None = None,
-            on_token=None) -> Answer:
+            on_token=None, follow: Callable[[str], list[dict]] | None = None) -> Answer:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
         if not question.strip():
@@ -108,7 +108,7 @@ class Answerer:
         started = time.perf_counter()
         if mode == "memory":
             gen = self.decoder.memory(question, retrieve, self.kv_for, k=k, max_new_tokens=max_new_tokens,
-                                      retrieve_every=retrieve_every, on_token=on_token)
+                                      retrieve_every=retrieve_every, on_token=on_token, follow=follow)
         elif mode == "rag":
             t = time.perf_counter()
             chunks = retrieve(question)[:k]

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from memstore.lexical import reciprocal_rank_fusion
+from memstore.lexical import STOPWORDS, query_terms
 from model.memory import SlotCache, SlotLayout, cache_arg, crop_to, encode_chunks, last_logits, prefill
 
 SYSTEM = "Answer the question with a short phrase taken from the documents."
@@ -27,6 +27,10 @@ SYSTEM = "Answer the question with a short phrase taken from the documents."
 # on bench/qa.py's 200 questions (rag 41.8) and from 27.7 to 32.8 on 40 development questions
 # (bench/results/slot_bias.json, where -1.0 scored 37.7 and rag 42.3: not resolved at 40).
 SLOT_BIAS = -1.5
+# Slots whose chunk scores at least this share of the best chunk's score get no bias (close_to_best).
+CO_BEST = 0.6
+# Memory slots that the answer's own new terms fill (AnswerReader), besides the question's k.
+FOLLOW_SLOTS = 2
 DOCS_MARK = "\x00DOCS\x00"
 SEPARATOR = "\n\n"
 PARAGRAPH_BREAK = "\n\n"
@@ -94,15 +98,21 @@ class Decoder:
         return encode_chunks(self.model, self.prefix(prefix_ids), ids)
 
     def _greedy(self, step: Callable, logits: torch.Tensor, max_new_tokens: int, on_token, started: float,
-                timings: dict, after_token: Callable | None = None) -> list[int]:
+                timings: dict, on_end: Callable | None = None) -> list[int]:
+        """Greedy tokens until EOS, a paragraph break or the limit; step(new ids, generated) -> next logits.
+
+        on_end(generated) -> logits to go on with, or None: asked when the model would stop (EOS)."""
         generated: list[int] = []
         text_so_far = ""
-        for _ in range(max_new_tokens):
+        while len(generated) < max_new_tokens:
             token = int(torch.argmax(logits))
-            if not generated:
+            if "ttft_s" not in timings:
                 timings["ttft_s"] = time.perf_counter() - started
             if token in self.eos:
-                break
+                logits = on_end(generated) if on_end and generated else None
+                if logits is None:
+                    break
+                continue
             generated.append(token)
             text = self.tokenizer.decode(generated, skip_special_tokens=True)
             if PARAGRAPH_BREAK in text.lstrip():  # the short answer is over; small models repeat it after this
@@ -113,77 +123,75 @@ class Decoder:
                 text_so_far = text
             if len(generated) == max_new_tokens:
                 break
-            logits = (after_token(generated) if after_token else None)
-            if logits is None:
-                logits = step([token])
+            logits = step([token], generated)
         return generated
 
     # ---- memory mode -----------------------------------------------------------------------
 
     @torch.no_grad()
     def memory(self, question: str, retrieve: Callable[[str], list[dict]], kv_for: Callable,
-               *, k: int, max_new_tokens: int = 32, retrieve_every: int = 1, on_token=None) -> Generation:
-        """Generate with k memory slots, refilled by retrieval as decoding goes on.
+               *, k: int, max_new_tokens: int = 32, retrieve_every: int = 1, on_token=None,
+               follow: Callable[[str], list[dict]] | None = None, follow_slots: int = FOLLOW_SLOTS) -> Generation:
+        """Generate with k memory slots filled from the question, and follow slots that the answer fills.
 
         retrieve(text) -> ranked chunk dicts (with chunk_id, text); kv_for(chunks, prefix_ids)
-        -> their memory arrays (from the KV store, or encoded now).
+        -> their memory arrays (from the KV store, or encoded now). follow(text) -> chunks that
+        hold the words of `text` (a lexical search; defaults to `retrieve`). Every
+        `retrieve_every` steps (0: never) the answer's complete words are read: when it has
+        written a term that the question and earlier follows do not have (a name, a number, a
+        variable), the best chunk holding that term that no slot holds yet comes into the next
+        follow slot (the oldest one is replaced once all are used), and the local tokens are
+        re-run over it. So what the model writes steers what it reads next.
         """
         started = time.perf_counter()
         timings: dict = {}
         parts = PromptParts(self.tokenizer, question)
         t = time.perf_counter()
-        first_ranking = retrieve(question)
-        chunks = best_last(first_ranking[:k])
+        chunks = best_last(retrieve(question)[:k])
         timings["retrieval_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        layout = SlotLayout(len(parts.prefix), max(1, len(chunks)), self.slot_len)
+        n_follow = follow_slots if retrieve_every else 0
+        layout = SlotLayout(len(parts.prefix), n_follow + max(1, len(chunks)), self.slot_len)
         slots = SlotCache(self.model, self.prefix(parts.prefix), layout)
         for i, kv in enumerate(kv_for(chunks, parts.prefix)):
-            slots.fill(i, kv)
-        for i in range(len(chunks) - 1):  # best_last: the best chunk is in the last slot, after a refill too
-            slots.set_bias(i, self.slot_bias)
+            slots.fill(n_follow + i, kv)  # follow slots first: the question's best chunk stays nearest the question
+        for i, chunk in enumerate(chunks[:-1]):
+            if not close_to_best(chunk, chunks[-1]):
+                slots.set_bias(n_follow + i, self.slot_bias)
         timings["memory_load_s"] = time.perf_counter() - t
         logits, _ = slots.forward(parts.suffix)
-        refills = 0
-        last_query = ""
+        reader = AnswerReader(question, follow or retrieve, n_follow)
+        held: list[dict | None] = [None] * n_follow + list(chunks)
 
-        def maybe_refill(generated: list[int]):
-            nonlocal chunks, refills, last_query
-            if not retrieve_every or len(generated) % retrieve_every:
-                return None
-            text = self.tokenizer.decode(generated, skip_special_tokens=True)
-            query = text[:text.rfind(" ")].strip() if " " in text else ""  # the answer's complete words
-            if not query or query == last_query:  # retrieval depends only on the text: same words, same slots
-                return None
-            last_query = query
+        def refill(generated: list[int], finished: bool = False) -> torch.Tensor | None:
+            """Logits over a newly filled follow slot, or None when the answer names nothing new."""
             t = time.perf_counter()
-            # The answer's own ranking fused with the question's: the question's chunks keep their
-            # slots unless the answer turns to something else, whose chunk then comes in. A query of
-            # question + answer (tried first) is dominated by the question's words and never moved
-            # a slot in the two-hop test; answers on bench/qa.py are the same either way for
-            # Qwen2.5-0.5B (F1 44.2 vs 44.4 on 100 questions), SmolLM2 loses 1.3 (11.1 vs 12.4).
-            ranked = fuse_rankings(retrieve(query), first_ranking)[:len(chunks)]
+            found = reader.read(self.tokenizer.decode(generated, skip_special_tokens=True),
+                                {c["chunk_id"] for c in held if c}, finished)
             timings["retrieval_s"] += time.perf_counter() - t
-            new_ids = {c["chunk_id"] for c in ranked}
-            if new_ids == {c["chunk_id"] for c in chunks}:
+            if found is None:
                 return None
-            chunks = self._refill(slots, chunks, best_last(ranked), kv_for, parts.prefix)
-            refills += 1
+            slot, chunk = found
+            [kv] = kv_for([chunk], parts.prefix)
+            slots.fill(slot, kv)
+            for other in range(n_follow):  # only the newest follow is unbiased: it is what the answer turned to
+                slots.set_bias(other, 0.0 if other == slot else self.slot_bias)
+            held[slot] = chunk
             slots.drop_local()
             return slots.forward(parts.suffix + generated)[0]
 
-        generated = self._greedy(lambda ids: slots.forward(ids)[0], logits, max_new_tokens,
-                                 on_token, started, timings, after_token=maybe_refill)
-        timings["generate_s"] = time.perf_counter() - started
-        attention = self._slot_attention(slots, parts.suffix, generated)[:len(chunks)]
-        return self._result(generated, chunks, attention, timings, started, refills)
+        def step(ids: list[int], generated: list[int]) -> torch.Tensor:
+            logits = refill(generated) if n_follow and len(generated) % retrieve_every == 0 else None
+            return slots.forward(ids)[0] if logits is None else logits
 
-    def _refill(self, slots: SlotCache, current: list[dict], target: list[dict], kv_for, prefix_ids) -> list[dict]:
-        """Lay `target` out in the slots; a slot whose chunk stays the same keeps its memory."""
-        changed = [i for i, c in enumerate(target) if current[i]["chunk_id"] != c["chunk_id"]]
-        for i, kv in zip(changed, kv_for([target[i] for i in changed], prefix_ids)):
-            slots.fill(i, kv)
-        return list(target)
+        # at the end of the answer its last word is complete too: what it names may be read before it stops
+        generated = self._greedy(step, logits, max_new_tokens, on_token, started, timings,
+                                 on_end=(lambda gen: refill(gen, finished=True)) if n_follow else None)
+        timings["generate_s"] = time.perf_counter() - started
+        kept = [(i, c) for i, c in enumerate(held) if c is not None]
+        attention = self._slot_attention(slots, parts.suffix, generated)
+        return self._result(generated, [c for _, c in kept], [attention[i] for i, _ in kept], timings, started,
+                            reader.follows)
 
     def _slot_attention(self, slots: SlotCache, suffix: list[int], generated: list[int]) -> list[float]:
         """Attention mass the answer tokens put on each slot (mean over layers and heads)."""
@@ -216,7 +224,7 @@ class Decoder:
 
         cache = DynamicCache()
 
-        def step(new_ids):
+        def step(new_ids, generated=None):
             return last_logits(self.model, input_ids=torch.tensor([new_ids]), **cache_arg(self.model, cache),
                                use_cache=True)[0]
 
@@ -241,6 +249,17 @@ class Decoder:
         return Generation(text, generated, chunks, attention, timings, refills)
 
 
+def close_to_best(chunk: dict, best: dict) -> bool:
+    """Whether a chunk's retrieval score is within CO_BEST of the best chunk's: another fact asked for.
+
+    Where a question asks for several facts (several values of a key, several keys), their
+    chunks score close to the best one (0.78-0.95 of it on bench/longctx.py's multi-value and
+    multi-query cases); the chunks below a single fact's best mostly score under half of it.
+    """
+    score, top = chunk.get("score"), best.get("score")
+    return score is not None and top is not None and top > 0 and score >= CO_BEST * top
+
+
 def best_last(ranked: list[dict]) -> list[dict]:
     """Slot order for ranked chunks: the best one last, nearest the question.
 
@@ -250,11 +269,39 @@ def best_last(ranked: list[dict]) -> list[dict]:
     return list(reversed(ranked))
 
 
-def fuse_rankings(*rankings: list[dict]) -> list[dict]:
-    """Reciprocal rank fusion of ranked chunk lists (by chunk id); ties go to the earlier list."""
-    by_id = {c["chunk_id"]: c for ranking in rankings for c in ranking}
-    fused = reciprocal_rank_fusion(*[[(c["chunk_id"], 0.0) for c in r] for r in rankings])
-    return [by_id[i] for i, _ in fused]
+class AnswerReader:
+    """Reads the answer as it grows and decides which chunk, if any, the next follow slot gets.
+
+    A follow starts from a term the answer has just completed that the question does not hold
+    (nor a stopword, nor a term followed before): a name, a number, a variable. The chunks that
+    hold the answer's terms are searched lexically, and the best one that holds the new term
+    and sits in no slot comes in. A term already in the question never moves a slot, so an
+    answer that repeats the question's words reads what the question retrieved.
+    """
+
+    def __init__(self, question: str, follow: Callable[[str], list[dict]], n_slots: int):
+        self.question_terms = set(query_terms(question, phrases=False))
+        self.follow, self.n_slots = follow, n_slots
+        self.seen: list[str] = []  # the answer's terms that asked for a follow, in order
+        self.follows = 0
+
+    def read(self, answer: str, held: set[int], finished: bool = False) -> tuple[int, dict] | None:
+        """(follow slot, chunk) to fill now, or None. Unless the answer is `finished`, its last word may still grow."""
+        complete = answer if finished else answer[:max(answer.rfind(" "), answer.rfind("\n"))]
+        new = [t for t in dict.fromkeys(_terms(complete)) if t not in self.question_terms and t not in self.seen]
+        if not new or not self.n_slots:
+            return None
+        self.seen += new
+        for chunk in self.follow(" ".join(self.seen)):
+            if chunk["chunk_id"] not in held and new[-1] in _terms(chunk["text"]):
+                slot = self.follows % self.n_slots
+                self.follows += 1
+                return slot, chunk
+        return None
+
+
+def _terms(text: str) -> list[str]:
+    return [w for w in query_terms(text, phrases=False) if len(w) > 1 and w not in STOPWORDS]
 
 
 class eager_attention:

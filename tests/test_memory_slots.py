@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import unit_vectors
 from memstore.kv import KVMemory
 from memstore.store import ChunkIn, DocumentIn, MemoryStore
-from model.generate import Decoder
+from model.generate import AnswerReader, Decoder
 from model.memory import (SlotCache, SlotLayout, cache_arg, encode_chunks, prefill, rope_cos_sin, rotate,
                           unrotate)
 
@@ -97,25 +97,57 @@ class FakeTokenizer:
         return self.unk_token_id
 
 
-def test_refill_during_decoding_changes_the_slots(tiny):
+def test_a_new_term_in_the_answer_fills_a_follow_slot(tiny):
+    """Terms the answer writes that the question lacks are searched; the chunk holding them comes in."""
     tiny.generation_config.eos_token_id = None
     decoder = Decoder(tiny, FakeTokenizer(), max_positions=2048, slot_len=16)
     first = {"chunk_id": 1, "text": "alpha facts", "document_id": 1, "source": "a", "char_start": 0, "char_end": 11}
-    second = {"chunk_id": 2, "text": "beta facts", "document_id": 2, "source": "b", "char_start": 0, "char_end": 10}
     queries = []
 
-    def retrieve(text):  # the question alone finds `first`; once the answer has words, `second` first
-        queries.append(text)
-        return [first] if len(queries) == 1 else [second]
+    def follow(terms):  # a chunk that holds whatever the answer wrote
+        queries.append(terms)
+        return [first, {"chunk_id": 1 + len(queries), "text": terms, "document_id": 2, "source": "b",
+                        "char_start": 0, "char_end": len(terms)}]
 
     def kv_for(chunks, prefix_ids):
         return decoder.encode([c["text"] for c in chunks], prefix_ids)
 
-    gen = decoder.memory("q?", retrieve, kv_for, k=1, max_new_tokens=24, retrieve_every=1)
-    assert gen.refills == 1 and [c["chunk_id"] for c in gen.chunks] == [2]
-    once = decoder.memory("q?", lambda text: [first], kv_for, k=1, max_new_tokens=24, retrieve_every=1)
-    assert once.refills == 0 and [c["chunk_id"] for c in once.chunks] == [1]
-    assert len(queries) > 2  # retrieval ran during decoding, not only before it
+    gen = decoder.memory("q?", lambda text: [first], kv_for, k=1, max_new_tokens=24, follow=follow, follow_slots=2)
+    assert gen.refills == len(queries) >= 1
+    assert 1 in {c["chunk_id"] for c in gen.chunks} and len(gen.chunks) == 1 + min(2, gen.refills)
+    assert len(gen.attention) == len(gen.chunks)
+    once = decoder.memory("q?", lambda text: [first], kv_for, k=1, max_new_tokens=24, follow=follow,
+                          retrieve_every=0)
+    assert once.refills == 0 and [c["chunk_id"] for c in once.chunks] == [1] and len(queries) == gen.refills
+
+
+def _chunk(i, text):
+    return {"chunk_id": i, "text": text, "document_id": i, "source": str(i), "char_start": 0, "char_end": len(text)}
+
+
+def test_answer_reader_follows_new_terms_only():
+    staff = _chunk(1, "Ingrid Halvorsen's manager is Tobias Brennecke.")
+    home = _chunk(2, "Tobias Brennecke was born in Quellstadt.")
+    other = _chunk(3, "Brennecke is a common name in Quellstadt.")
+    asked = []
+
+    def follow(terms):
+        asked.append(terms)
+        return [staff, other, home]
+
+    reader = AnswerReader("Where was Ingrid Halvorsen's manager born?", follow, n_slots=2)
+    assert reader.read("Ingrid Halvorsen's manager", {1}) is None and not asked  # the question's words move nothing
+    assert reader.read("Ingrid Halvorsen's manager Tobias", {1}) is None and not asked  # "Tobias" may still grow
+    assert reader.read("Ingrid Halvorsen's manager Tobias ", {1}) == (0, home)  # held staff skipped; other lacks it
+    assert asked == ["tobias"]
+    assert reader.read("Ingrid Halvorsen's manager Tobias Brennecke ", {1, 2}) == (1, other)
+    assert asked[-1] == "tobias brennecke"
+    assert reader.read("Ingrid Halvorsen's manager Tobias Brennecke was", {1, 2, 3}) is None  # nothing new
+    assert reader.read("Tobias Brennecke was Zed ", {1, 2, 3}) is None  # no chunk holds "zed"
+    assert reader.follows == 2
+    assert reader.read("Tobias Brennecke was Quellstadt", {1}) is None  # the last word may still grow...
+    assert reader.read("Tobias Brennecke was Quellstadt", {1}, finished=True) == (0, other)  # ...unless it ended
+    assert reader.follows == 3
 
 
 def test_kv_entries_vanish_with_their_document(tmp_path):
