@@ -156,8 +156,9 @@ class Memory:
             on_token: Callable[[str], None] | None = None):
         """Answer `question` from the store with a language model; returns an Answer with sources.
 
-        mode: "memory" (retrieved chunks' keys/values in memory slots of the KV cache, refilled
-        by retrieval at every decoding step), "rag" (chunks pasted as text), "truncate" (the
+        mode: "memory" (retrieved chunks' keys/values in memory slots of the KV cache; as the
+        answer names things the question does not, the chunks holding them come into follow
+        slots), "rag" (chunks pasted as text), "truncate" (the
         documents cut to the model's window) or "full" (the whole text, where it fits).
         `on_token` receives the answer text piece by piece as it is generated.
         """

@@ -1,9 +1,9 @@
-"""Greedy decoding for every mode, with retrieval before each step in memory mode.
+"""Greedy decoding for every mode; in memory mode the answer steers what is read next.
 
-memory:   [prefix][k memory slots][question] -> generate; before every `retrieve_every`
-          steps the retriever ranks the memory for the answer written so far, that ranking
-          is fused with the question's, and slots whose chunk fell out of the fused top k
-          are refilled (then the local tokens are re-run over the new slots).
+memory:   [prefix][follow slots][k memory slots][question] -> generate; the k slots hold the
+          question's chunks (best last); every `retrieve_every` steps the answer's new terms
+          (names, numbers, variables the question lacks) are searched, and the chunk holding
+          them comes into a follow slot (then the local tokens are re-run over it).
 rag:      the same chunks pasted into the prompt as text: [prefix][chunk texts][question].
 truncate: the document text cut to fit the native window, in the prompt.
 full:     the whole document text in the prompt, only where it fits.
