@@ -119,15 +119,15 @@ def run_model(mem, model: str, questions: list[dict], modes: list[str], k: int, 
             summary = {m: round(100 * sum(r["f1"] for r in rs) / len(rs), 1) for m, rs in rows.items()}
             print(f"{model} {n}/{len(questions)} F1 {summary} load {os.getloadavg()[0]:.1f}", flush=True)
             if checkpoint and n < len(questions):
-                checkpoint(summarize(model, retrieval, k, questions, rows, hits))
-    return summarize(model, retrieval, k, questions, rows, hits)
+                checkpoint(summarize(model, retrieval, k, questions, rows, hits, answerer.backbone.weights))
+    return summarize(model, retrieval, k, questions, rows, hits, answerer.backbone.weights)
 
 
-def summarize(model, retrieval, k, questions, rows, hits) -> dict:
+def summarize(model, retrieval, k, questions, rows, hits, weights=None) -> dict:
     table = {mode: mode_table(rs, [{"question": q["question"], "answers": q["answers"], "prediction": r["text"]}
                                    for q, r in list(zip(questions, rs))[:5]])
              for mode, rs in rows.items()}
-    return {"model": model, "retrieval": retrieval, "k": k, f"retrieval_hit@{k}": round(sum(hits) / len(hits), 3),
+    return {"model": model, "weights": weights, "retrieval": retrieval, "k": k, f"retrieval_hit@{k}": round(sum(hits) / len(hits), 3),
             "retrieval_hits": dict(zip((q["id"] for q in questions), hits)), "modes": table}
 
 

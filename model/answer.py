@@ -60,7 +60,8 @@ class Answerer:
     def kv_memory(self, prefix_ids: list[int]) -> KVMemory:
         """The KV store for this model and prompt prefix: memory from another model is never mixed in."""
         digest = hashlib.sha1(np.asarray(prefix_ids, dtype=np.int64).tobytes()).hexdigest()[:10]
-        key = f"{self.backbone.name}-p{digest}-s{self.decoder.slot_len}"
+        # the weight format is part of the key: int8 or bfloat16 weights compute slightly different memory
+        key = f"{self.backbone.name}-{self.backbone.weights}-p{digest}-s{self.decoder.slot_len}"
         if key not in self._kv:
             self._kv[key] = KVMemory(self.kv_root, key, self.kv_budget_bytes, dtype=self.kv_dtype)
         return self._kv[key]

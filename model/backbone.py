@@ -36,6 +36,7 @@ import torch
 
 from memstore.errors import MemstoreError
 from memstore.paths import models_dir
+from model.quant import chosen_format, probe, quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class Backbone:
     n_layers: int
     n_kv_heads: int
     head_dim: int
+    weights: str = ""  # "int8" (weight-only, model.quant) or the dense dtype's name
 
 
 def preset_status() -> list[dict]:
@@ -120,32 +122,39 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def default_dtype() -> torch.dtype:
-    """The compute dtype: $MEMSTORE_DTYPE, else bfloat16 where the CPU multiplies it natively, else float32.
+    """The compute dtype: $MEMSTORE_DTYPE, else whichever of bfloat16 and float32 this CPU multiplies faster.
 
-    On a CPU with AMX or AVX-512 BF16 (oneDNN uses them for bfloat16 matmuls) bfloat16 prefills
-    Qwen2.5-0.5B several times faster than float32 (bench/dtype.py); elsewhere bfloat16 is
-    emulated and slower, so float32 stays.
+    On a CPU with AMX or AVX-512 BF16 bfloat16 prefills several times faster than float32;
+    elsewhere it is emulated and slower (bench/dtype.py). `model.quant.probe` times both.
     """
     name = os.environ.get("MEMSTORE_DTYPE")
     if name:
         if name not in DTYPES:
             raise ValueError(f"MEMSTORE_DTYPE must be one of {', '.join(DTYPES)}, not {name!r}")
         return DTYPES[name]
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private, hence the getattr
-    fast_bf16 = any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
-    return torch.bfloat16 if fast_bf16 else torch.float32
+    return DTYPES[probe().compute_dtype]
 
 
-def load_backbone(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | None = None) -> Backbone:
+def load_backbone(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | None = None,
+                  weights: str | None = None) -> Backbone:
     """Load a preset, a local HF folder, a local GGUF file, or a hub id already cached locally.
 
-    dtype: the compute dtype, `default_dtype()` unless given.
+    dtype: the compute dtype, `default_dtype()` unless given. weights: a `WEIGHT_FORMATS` name
+    (default $MEMSTORE_WEIGHTS, else `auto`: int8 where this CPU decodes int8 weights faster).
     """
+    weight_format, compute = chosen_format(weights)  # an explicit dense format is the compute dtype too
+    dtype = dtype or (default_dtype() if os.environ.get("MEMSTORE_DTYPE") else compute)
     folder, name = resolve(name_or_path)
     try:
-        return _load_folder(folder, name, dtype=dtype or default_dtype())
+        backbone = _load_folder(folder, name, dtype=dtype)
     except OSError as e:  # missing tokenizer or weight files, a partial hub cache
         raise BackboneNotFound(f"could not load {name_or_path} from {folder}: {e}") from e
+    if weight_format == "int8":
+        quantize_int8(backbone.model, dtype)
+        backbone.weights = "int8"
+    else:
+        backbone.weights = str(dtype).removeprefix("torch.")
+    return backbone
 
 
 def resolve(name_or_path: str) -> tuple[Path | str, str]:
