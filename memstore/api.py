@@ -212,6 +212,32 @@ class Memory:
         return {"model": answerer.backbone.name, "chunks": len(chunks), "encoded": encoded,
                 "kv_bytes": kv.nbytes(), "seconds": round(time.perf_counter() - started, 2)}
 
+    def kv_warmup_order(self, model: str | None = None, questions: list[str] = (), k: int = 4) -> list[dict]:
+        """Chunks whose KV memory `model` has not encoded yet, those most likely to be read first at the front.
+
+        First the chunks that `questions` (the demo's examples) retrieve, then each document's
+        opening chunks (where its title and overview are), then the rest in document order."""
+        answerer = self._answerer(model or DEFAULT_MODEL)
+        kv = answerer.kv_memory(PromptParts(answerer.backbone.tokenizer, "").prefix)
+        chunks = {c["chunk_id"]: c for c in self.store.all_chunks() if not kv.path(c["chunk_id"]).exists()}
+        first = [h.chunk_id for q in questions for h in self.search(q, k=k)]
+        rank = {cid: i for i, cid in enumerate(dict.fromkeys(first))}
+        ordinal = self.store.chunk_ordinals()
+        return sorted(chunks.values(), key=lambda c: (rank.get(c["chunk_id"], len(rank)),
+                                                      ordinal.get(c["chunk_id"], 0), c["chunk_id"]))
+
+    def kv_status(self, model: str | None = None) -> dict:
+        """How many of the store's chunks have KV memory for `model` (encoded, on disk)."""
+        answerer = self._answerer(model or DEFAULT_MODEL)
+        kv = answerer.kv_memory(PromptParts(answerer.backbone.tokenizer, "").prefix)
+        ids = self.store.chunk_ids()
+        return {"model": answerer.backbone.name, "chunks": len(ids),
+                "warm": sum(kv.path(i).exists() for i in ids)}
+
+    def encode_kv(self, chunks: list[dict], model: str | None = None) -> int:
+        """Encode these chunks' KV memory now (those without one); returns how many were encoded."""
+        return self._answerer(model or DEFAULT_MODEL).precompute(chunks, batch=len(chunks) or 1)
+
     def _answerer(self, model: str, budget_gib: float | None = None):
         """The model's Answerer, loaded once, with the KV budget given or else the store's."""
         from model.answer import Answerer

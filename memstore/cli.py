@@ -313,7 +313,7 @@ def run_server(mem, host: str, port: int, model: str | None, **app_options) -> N
     say = functools.partial(click.echo, err=True)
     name = mem.load_model(model)
     say(f"model {name} ready")
-    app = create_app(mem, default_model=name, **app_options)
+    app = create_app(mem, default_model=name, warm_kv=True, **app_options)
     say(f"serving on http://{host}:{port}  (API docs: http://{host}:{port}/docs; Ctrl-C stops)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

@@ -6,11 +6,13 @@ between concurrent writers.
 """
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import logging
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -46,15 +48,79 @@ class AskRequest(BaseModel):
     filters: dict[str, str | int] | None = Field(None, description="path (glob), document_id or meta.KEY.")
 
 
+class KVWarmer:
+    """Encodes the store's KV memory for one model in the background, a small batch at a time,
+    only while no request holds the lock: the first memory-mode answer about a chunk then finds
+    its memory ready instead of encoding it (bench/results/speed.json: cold against warm)."""
+
+    def __init__(self, memory: Memory, model: str, lock: threading.Lock, questions: list[str], batch: int = 2):
+        self.memory, self.model, self.lock, self.questions, self.batch = memory, model, lock, questions, batch
+        self.warm = self.chunks = 0
+        self.state = "starting"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kv-warmer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def status(self) -> dict:
+        return {"model": self.model, "warm": self.warm, "chunks": self.chunks, "state": self.state}
+
+    def _run(self) -> None:
+        try:
+            with self.lock:
+                kv = self.memory.kv_status(self.model)
+                self.warm, self.chunks = kv["warm"], kv["chunks"]
+                todo = self.memory.kv_warmup_order(self.model, self.questions)
+            self.state = "warming"
+            for start in range(0, len(todo), self.batch):
+                while not self.lock.acquire(timeout=0.2):  # a request holds the model: wait for it
+                    if self._stop.is_set():
+                        return
+                try:
+                    if self._stop.is_set():
+                        return
+                    batch = todo[start:start + self.batch]
+                    self.memory.encode_kv(batch, self.model)  # a request may have encoded some meanwhile
+                    self.warm += len(batch)
+                finally:
+                    self.lock.release()
+                time.sleep(0.02)  # a request waiting for the lock gets it before the next batch
+            self.state = "done"
+        except ValueError as e:  # the KV budget is full, or a chunk went away meanwhile
+            self.state = f"stopped: {e}"
+        except Exception as e:  # noqa: BLE001 - warming is an optimisation: log it, keep serving
+            log.exception("warming the KV memory failed")
+            self.state = f"stopped: {type(e).__name__}"
+
+
 def create_app(memory: Memory, *, default_model: str | None = None, models: list[str] | None = None,
-               title: str = "memstore", examples: list[str] | None = None) -> FastAPI:
-    """The app over `memory`. `models` lists what clients may ask for (presets by default)."""
+               title: str = "memstore", examples: list[str] | None = None, warm_kv: bool = False) -> FastAPI:
+    """The app over `memory`. `models` lists what clients may ask for (presets by default).
+
+    warm_kv: encode the default model's KV memory of every chunk in the background while idle
+    (the examples' chunks first); /stats then reports how much of it is warm."""
     from model.backbone import DEFAULT_MODEL, PRESETS
 
     default_model = default_model or DEFAULT_MODEL
     allowed = list(dict.fromkeys([default_model, *(models or PRESETS)]))
     lock = threading.Lock()
-    app = FastAPI(title=f"{title} API", description="Search and question answering over a memstore store.")
+    warmer = KVWarmer(memory, default_model, lock, examples or []) if warm_kv else None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if warmer:
+            warmer.start()
+        yield
+        if warmer:
+            warmer.stop()
+
+    app = FastAPI(title=f"{title} API", description="Search and question answering over a memstore store.",
+                  lifespan=lifespan)
     install_error_handlers(app)
 
     def check_model(name: str | None) -> str:
@@ -123,7 +189,8 @@ def create_app(memory: Memory, *, default_model: str | None = None, models: list
     @app.get("/stats", summary="Documents, chunks and tokens in the store")
     def stats() -> dict:
         with lock:
-            return memory.stats()
+            stats = memory.stats()
+        return {**stats, "kv_memory": warmer.status()} if warmer else stats
 
     @app.get("/models", summary="Models this server can answer with")
     def list_models() -> dict:

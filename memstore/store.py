@@ -573,6 +573,15 @@ class MemoryStore:
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(select(*cols).order_by(Chunk.id)).mappings()]
 
+    def chunk_ids(self) -> list[int]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(Chunk.id).order_by(Chunk.id)).scalars())
+
+    def chunk_ordinals(self) -> dict[int, int]:
+        """Each chunk's place in its document (0 for the first)."""
+        with self.engine.connect() as conn:
+            return {cid: ordinal for cid, ordinal in conn.execute(select(Chunk.id, Chunk.ordinal))}
+
     def documents(self) -> list[dict]:
         cols = (Document.id, Document.source, Document.content_hash, Document.size, Document.mtime,
                 Document.title, Document.char_count, Document.meta)

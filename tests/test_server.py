@@ -3,6 +3,7 @@ serves it in a subprocess on a free port, and requests (and headless Chromium) t
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -182,6 +183,7 @@ def ask_in_page(page, server: str, question: str, mode: str) -> None:
 def test_page_streams_an_answer_with_sources(server, browser_page, tmp_path):
     page = browser_page
     ask_in_page(page, server, "What does the VACUUM INTO command do?", "rag")
+    assert re.search(r"KV memory \d+% warm", page.inner_text("#store-stats"))  # `serve` warms it while idle
     assert page.inner_text(".panel .answer").strip()
     assert "first token" in page.inner_text(".panel .timings")
     sources = page.locator(".panel .sources li")
