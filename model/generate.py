@@ -272,8 +272,9 @@ def best_last(ranked: list[dict]) -> list[dict]:
 class AnswerReader:
     """Reads the answer as it grows and decides which chunk, if any, the next follow slot gets.
 
-    A follow starts from a term the answer has just completed that the question does not hold
-    (nor a stopword, nor a term followed before): a name, a number, a variable. The chunks that
+    A follow starts from a term the answer has just completed that names something (a word with a
+    digit, a capital or an underscore: a name, a number, a variable) and that the question does not
+    hold (nor a stopword, nor a term followed before). The chunks that
     hold the answer's terms are searched lexically, and the best one that holds the new term
     and sits in no slot comes in. A term already in the question never moves a slot, so an
     answer that repeats the question's words reads what the question retrieved.
@@ -287,8 +288,9 @@ class AnswerReader:
 
     def read(self, answer: str, held: set[int], finished: bool = False) -> tuple[int, dict] | None:
         """(follow slot, chunk) to fill now, or None. Unless the answer is `finished`, its last word may still grow."""
-        complete = answer if finished else answer[:max(answer.rfind(" "), answer.rfind("\n"))]
-        new = [t for t in dict.fromkeys(_terms(complete)) if t not in self.question_terms and t not in self.seen]
+        cut = max(answer.rfind(" "), answer.rfind("\n"))
+        complete = answer if finished else answer[:max(cut, 0)]  # no space yet: no word is complete
+        new = [t for t in dict.fromkeys(_named_terms(complete)) if t not in self.question_terms and t not in self.seen]
         if not new or not self.n_slots:
             return None
         self.seen += new
@@ -298,6 +300,16 @@ class AnswerReader:
                 self.follows += 1
                 return slot, chunk
         return None
+
+
+def _named_terms(text: str) -> list[str]:
+    """The terms of the words that name something: with a digit, a capital letter or an underscore.
+
+    A name, a number, a code or an identifier is what a follow can look up; an ordinary word of
+    the answer's prose ("operation", "holding") matches chunks at random and only costs a re-run.
+    """
+    named = [w for w in text.split() if any(c.isdigit() or c.isupper() or c == "_" for c in w)]
+    return _terms(" ".join(named))
 
 
 def _terms(text: str) -> list[str]:

@@ -88,7 +88,7 @@ class FakeTokenizer:
         return {"input_ids": [2 + (ord(c) % 250) for c in text]}
 
     def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(ord("a") + i % 26) if i % 7 else " " for i in ids)
+        return "".join(chr(ord("A") + i % 26) if i % 7 else " " for i in ids)  # capitals: names to follow
 
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
         return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
@@ -143,11 +143,21 @@ def test_answer_reader_follows_new_terms_only():
     assert reader.read("Ingrid Halvorsen's manager Tobias Brennecke ", {1, 2}) == (1, other)
     assert asked[-1] == "tobias brennecke"
     assert reader.read("Ingrid Halvorsen's manager Tobias Brennecke was", {1, 2, 3}) is None  # nothing new
+    assert reader.read("Tobias Brennecke was born in the old harbour town ", {1}) is None  # prose names nothing
+    assert asked[-1] == "tobias brennecke"
     assert reader.read("Tobias Brennecke was Zed ", {1, 2, 3}) is None  # no chunk holds "zed"
     assert reader.follows == 2
     assert reader.read("Tobias Brennecke was Quellstadt", {1}) is None  # the last word may still grow...
     assert reader.read("Tobias Brennecke was Quellstadt", {1}, finished=True) == (0, other)  # ...unless it ended
     assert reader.follows == 3
+
+
+def test_a_first_word_still_growing_is_not_followed():
+    asked = []
+    reader = AnswerReader("How many columns may a table have?", lambda terms: asked.append(terms) or [], n_slots=2)
+    assert reader.read("200", set()) is None and reader.read("2000", set()) is None and not asked
+    reader.read("2000", set(), finished=True)
+    assert asked == ["2000"]
 
 
 def test_kv_entries_vanish_with_their_document(tmp_path):
