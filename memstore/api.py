@@ -203,14 +203,18 @@ class Memory:
 
         answerer = self._answerer(model or DEFAULT_MODEL, budget_gib)
         chunks = self.store.all_chunks()
+        kv = answerer.kv_memory(PromptParts(answerer.backbone.tokenizer, "").prefix)
+        todo_tokens = sum(answerer.kv_tokens(c) for c in chunks if not kv.path(c["chunk_id"]).exists())
         started = time.perf_counter()
-        with tqdm(total=len(chunks), unit="chunk", desc="kv", disable=not progress) as bar:
+        with tqdm(total=todo_tokens, unit="tok", unit_scale=True, desc=f"kv {answerer.backbone.weights}",
+                  disable=not progress) as bar:  # only what is left: a resumed run counts its own work
             encoded = answerer.precompute(chunks, progress=bar.update)  # refuses a budget too small
+        seconds = time.perf_counter() - started
         if budget_gib is not None:
             self.store.set_setting("kv_budget_gib", float(budget_gib))
-        kv = answerer.kv_memory(PromptParts(answerer.backbone.tokenizer, "").prefix)
-        return {"model": answerer.backbone.name, "chunks": len(chunks), "encoded": encoded,
-                "kv_bytes": kv.nbytes(), "seconds": round(time.perf_counter() - started, 2)}
+        return {"model": answerer.backbone.name, "weights": answerer.backbone.weights, "chunks": len(chunks),
+                "encoded": encoded, "tokens": todo_tokens, "tokens_per_s": round(todo_tokens / seconds, 1) if encoded else None,
+                "kv_bytes": kv.nbytes(), "seconds": round(seconds, 2)}
 
     def kv_warmup_order(self, model: str | None = None, questions: list[str] = (), k: int = 4) -> list[dict]:
         """Chunks whose KV memory `model` has not encoded yet, those most likely to be read first at the front.

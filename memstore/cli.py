@@ -110,8 +110,9 @@ def print_ingest_summary(s: dict) -> None:
     )
     if "kv" in s:
         kv = s["kv"]
-        click.echo(f"KV memory ({kv['model']}): {kv['encoded']} chunks encoded, {kv['kv_bytes'] / 2**20:.0f} MiB "
-                   f"on disk, in {kv['seconds']:.1f}s")
+        rate = f" ({kv['tokens_per_s']:.0f} tokens/s)" if kv["tokens_per_s"] else ""
+        click.echo(f"KV memory ({kv['model']}, {kv['weights']} weights): {kv['encoded']} of {kv['chunks']} chunks "
+                   f"encoded now{rate}, {kv['kv_bytes'] / 2**20:.0f} MiB on disk, in {kv['seconds']:.1f}s")
     for item in s["skipped"]:
         click.echo(f"  skipped {item['path']}: {item['reason']}")
     for item in s["failed"]:

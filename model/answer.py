@@ -77,17 +77,23 @@ class Answerer:
                 found[i] = store.put(chunks[i]["chunk_id"], kv)
         return found
 
+    def kv_tokens(self, chunk: dict) -> int:
+        """Tokens of a chunk's memory: its text, the separator, at most a slot."""
+        return min(chunk["token_count"] + 4, self.decoder.slot_len)
+
     def precompute(self, chunks: list[dict], batch: int = 8, progress=None) -> int:
         """Encode the memory of chunks that have none yet; returns how many were encoded.
 
-        Refuses (before any work) when the memory would not fit the KV byte budget.
+        Refuses (before any work) when the memory would not fit the KV byte budget. Each batch
+        is stored as it is done, so a killed run resumes where it stopped. progress(tokens) is
+        called after each batch.
         """
         prefix = PromptParts(self.backbone.tokenizer, "").prefix  # the prefix does not depend on the question
         kv = self.kv_memory(prefix)
         todo = [c for c in chunks if not kv.path(c["chunk_id"]).exists()]
         b = self.backbone
         per_token = bytes_per_token(b.n_layers, b.n_kv_heads, b.head_dim, self.kv_dtype)
-        need = kv.nbytes() + per_token * sum(min(c["token_count"] + 4, self.decoder.slot_len) for c in todo)
+        need = kv.nbytes() + per_token * sum(self.kv_tokens(c) for c in todo)
         if need > self.kv_budget_bytes:
             raise ValueError(f"KV memory for {len(chunks)} chunks needs about {need / 2**30:.1f} GiB with "
                              f"{self.backbone.name}, over the {self.kv_budget_bytes / 2**30:.1f} GiB budget; "
@@ -95,7 +101,7 @@ class Answerer:
         for start in range(0, len(todo), batch):
             self.kv_for(todo[start:start + batch], prefix)
             if progress:
-                progress(min(batch, len(todo) - start))
+                progress(sum(self.kv_tokens(c) for c in todo[start:start + batch]))
         return len(todo)
 
     def ask(self, question: str, retrieve: Callable[[str], list[dict]], *, mode: str = "memory", k: int = 4,

@@ -76,7 +76,8 @@ class Probe:
     """What `probe()` measured on this CPU (milliseconds per matmul of a 1024 x 4096 weight)."""
 
     dense_ms: dict  # {"float32": {rows: ms}, "bfloat16": {rows: ms}}
-    int8_ms: dict  # {rows: ms}, empty where the int8 kernel is missing
+    int8_ms: dict  # {rows: ms} of the int8 kernel, empty where it is missing
+    int8_dequantized_ms: dict  # {rows: ms} of the de-quantize-then-dense path
     compute_dtype: str
     max_kernel_rows: int  # the int8 kernel is used up to this many rows
 
@@ -96,7 +97,7 @@ def probe() -> Probe:
     try:
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
-            return Probe(**{name: _int_keys(cached[name]) for name in ("dense_ms", "int8_ms")},
+            return Probe(**{name: _int_keys(cached[name]) for name in ("dense_ms", "int8_ms", "int8_dequantized_ms")},
                          compute_dtype=cached["compute_dtype"], max_kernel_rows=cached["max_kernel_rows"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -117,7 +118,7 @@ def _machine_key() -> str:
     except OSError:
         pass
     env = {v: os.environ.get(v) for v in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")}
-    return hashlib.sha1(f"{cpu}|{torch.__version__}|{sorted(env.items())}".encode()).hexdigest()
+    return hashlib.sha1(f"probe 2|{cpu}|{torch.__version__}|{sorted(env.items())}".encode()).hexdigest()
 
 
 def _int_keys(table: dict) -> dict:
@@ -142,20 +143,17 @@ def _measure() -> Probe:
     # bfloat16 only where it clearly wins on a prompt-sized matmul (it is emulated, and slower, without
     # native support); float32 otherwise
     compute = "bfloat16" if dense_ms["bfloat16"][128] * 1.3 < dense_ms["float32"][128] else "float32"
+    linear, dtype = torch.nn.Linear(1024, 4096, bias=False), getattr(torch, compute)
+    dequantized = Int8Linear(linear, dtype, max_kernel_rows=0)
+    int8_dequantized_ms = {rows: _time(dequantized, rows, dtype) for rows in ROWS}
     int8_ms: dict = {}
     try:
-        layer = Int8Linear(torch.nn.Linear(1024, 4096, bias=False), getattr(torch, compute), max(ROWS))
-        int8_ms = {rows: _time(layer, rows, getattr(torch, compute)) for rows in ROWS}
+        kernel = Int8Linear(linear, dtype, max_kernel_rows=max(ROWS))
+        int8_ms = {rows: _time(kernel, rows, dtype) for rows in ROWS}
     except (RuntimeError, NotImplementedError) as e:  # no int8 kernel on this CPU or build
         log.info("int8 weight kernel unavailable: %s", e)
-    dense = dense_ms[compute]
-    kernel_rows = max([rows for rows in ROWS if int8_ms and int8_ms[rows] < 0.9 * _dequantized_ms(dense, rows)], default=0)
-    return Probe(dense_ms, int8_ms, compute, kernel_rows)
-
-
-def _dequantized_ms(dense: dict, rows: int) -> float:
-    """The dense path's cost with the de-quantization it adds (about one row-1 matmul's reads, twice)."""
-    return dense[rows] + 2 * dense[1]
+    kernel_rows = max([rows for rows in int8_ms if int8_ms[rows] < int8_dequantized_ms[rows]], default=0)
+    return Probe(dense_ms, int8_ms, int8_dequantized_ms, compute, kernel_rows)
 
 
 def _time(fn, rows: int, dtype: torch.dtype, repeats: int = 7) -> float:

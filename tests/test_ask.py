@@ -101,7 +101,7 @@ def test_ingest_kv_precomputes_the_memory(tmp_path):
     result = runner.invoke(main, ["ingest", str(docs), "--store", str(tmp_path / "kb"), "--kv", "--json"])
     assert result.exit_code == 0, result.output
     kv = json.loads(result.output)["kv"]
-    assert kv["encoded"] == kv["chunks"] >= 1 and kv["kv_bytes"] > 0
+    assert kv["encoded"] == kv["chunks"] >= 1 and kv["kv_bytes"] > 0 and kv["tokens_per_s"] > 0
     files = {p: p.stat().st_mtime_ns for p in (tmp_path / "kb" / "kv").glob("*/*.npy")}
     with memstore.open(tmp_path / "kb") as mem:
         answer = mem.ask("What is the capital of Freedonia?", k=1, retrieve_every=0)
@@ -110,6 +110,10 @@ def test_ingest_kv_precomputes_the_memory(tmp_path):
     runner.invoke(main, ["ingest", str(docs), "--store", str(tmp_path / "kb"), "--kv", "--kv-budget", "9"])
     with memstore.open(tmp_path / "kb") as mem:  # a later process keeps the budget the store was given
         assert mem._answerer("smollm2-135m").kv_budget_bytes == 9 * 2**30
+    next(iter(files)).unlink()  # as if a run had been killed before this chunk: a rerun encodes it alone
+    again = json.loads(runner.invoke(main, ["ingest", str(docs), "--store", str(tmp_path / "kb"), "--kv",
+                                            "--json"]).output)["kv"]
+    assert again["encoded"] == 1 and 0 < again["tokens"] <= 260 and again["chunks"] == kv["chunks"]
 
 
 def test_whole_text_keeps_source_order_when_a_document_is_replaced(tmp_path):
