@@ -222,7 +222,7 @@ def plot(report: dict, path: Path) -> None:
         ax.bar(x, [r["decode_tokens_per_s"] for r in rows], color="tab:blue", label="decode tokens/s")
         ax.scatter(x, [r["decode_bound_tokens_per_s"] for r in rows], marker="_", s=400, color="black",
                    label="bandwidth bound")
-        ax.set_xticks(list(x), labels, fontsize=7)
+        ax.set_xticks(list(x), labels, fontsize=6, rotation=45, ha="right")
         ax.set_yscale("log")
         ax.set_title(f"{run['isa']}: {run['cpu']}, {run['torch_threads']} threads", fontsize=9)
         ax.legend(fontsize=7)
