@@ -11,12 +11,13 @@ scale per output row and runs two paths:
   dtype and one dense matmul, where the matmul's cost hides the de-quantization's.
 
 Where the two paths cross, and whether bfloat16 beats float32 as compute dtype, depends on the
-CPU (native bfloat16 on AMX / AVX-512 BF16, emulated on AVX2): `probe()` times both on small
-matrices at load (a few tens of milliseconds) instead of guessing from CPU flags.
+CPU (native bfloat16 on AMX / AVX-512 BF16, emulated on AVX2): `probe()` times both on one
+core (about two seconds, once per machine) instead of guessing from CPU flags.
 
 torch's dynamic int8 quantization (int8 activations too) decodes faster still but changes too
-many answers: Qwen2.5-0.5B's top token agreed with float32's at 64% of positions of a fixed
-text, against 96% for weight-only int8 and 97% for bfloat16 (bench/results/speed.json).
+many answers: in a check on 512 positions of a fixed text, Qwen2.5-0.5B's top token agreed with
+float32's at 64% of them, against 96% for weight-only int8 (bench/results/speed.json has the
+latter, with bfloat16's 98%).
 """
 from __future__ import annotations
 
@@ -186,11 +187,9 @@ def chosen_format(requested: str | None = None) -> tuple[str, torch.dtype]:
         return name, getattr(torch, name)
     found = probe()
     compute = getattr(torch, found.compute_dtype)
+    if name == "int8" and not found.int8_ms:
+        raise ValueError("int8 weights need torch's weight-only int8 kernel, which this CPU or build lacks")
     if name == "int8" or found.int8_decodes_faster:
-        if not found.int8_ms:
-            if name == "int8":
-                raise ValueError("int8 weights need torch's weight-only int8 kernel, which this CPU or build lacks")
-            return found.compute_dtype, compute
         return "int8", compute
     return found.compute_dtype, compute
 
