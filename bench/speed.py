@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -25,19 +24,13 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo_qa import QUESTIONS  # noqa: E402
+from longctx import _cpu_name as cpu_name  # noqa: E402
+
 AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 FORMATS = ("float32", "bfloat16", "int8")
 TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "newwiki_longdoc.docs.jsonl"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def cpu_flags() -> list[str]:
@@ -191,9 +184,6 @@ def measure(args) -> dict:
             out["models"].append(row)
             print(json.dumps(row), flush=True)
     if args.answers:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from demo_qa import QUESTIONS
-
         root = Path(tempfile.mkdtemp(prefix="speed-"))
         try:
             build_demo_store(root)

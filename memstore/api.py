@@ -19,7 +19,7 @@ from memstore.errors import EmbedderMismatchError, MemstoreError
 from memstore.index import IndexConfig
 from memstore.store import Candidates, DocumentIn, Hit, MemoryStore
 from model.backbone import DEFAULT_MODEL
-from model.generate import FOLLOW_SLOTS, PromptParts
+from model.generate import FOLLOW_SLOTS
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +203,8 @@ class Memory:
 
         answerer = self._answerer(model or DEFAULT_MODEL, budget_gib)
         chunks = self.store.all_chunks()
-        kv = answerer.kv_memory(PromptParts(answerer.backbone.tokenizer, "").prefix)
-        todo_tokens = sum(answerer.kv_tokens(c) for c in chunks if not kv.path(c["chunk_id"]).exists())
+        kv = answerer.stored_memory()
+        todo_tokens = sum(answerer.kv_tokens(c) for c in answerer.without_memory(chunks))
         started = time.perf_counter()
         with tqdm(total=todo_tokens, unit="tok", unit_scale=True, desc=f"kv {answerer.backbone.weights}",
                   disable=not progress) as bar:  # only what is left: a resumed run counts its own work
@@ -221,19 +221,17 @@ class Memory:
 
         First the chunks that `questions` (the demo's examples) retrieve, then each document's
         opening chunks (where its title and overview are), then the rest in document order."""
-        answerer = self._answerer(model or DEFAULT_MODEL)
-        kv = answerer.kv_memory(PromptParts(answerer.backbone.tokenizer, "").prefix)
-        chunks = {c["chunk_id"]: c for c in self.store.all_chunks() if not kv.path(c["chunk_id"]).exists()}
+        todo = self._answerer(model or DEFAULT_MODEL).without_memory(self.store.all_chunks())
         first = [h.chunk_id for q in questions for h in self.search(q, k=k)]
         rank = {cid: i for i, cid in enumerate(dict.fromkeys(first))}
         ordinal = self.store.chunk_ordinals()
-        return sorted(chunks.values(), key=lambda c: (rank.get(c["chunk_id"], len(rank)),
-                                                      ordinal.get(c["chunk_id"], 0), c["chunk_id"]))
+        return sorted(todo, key=lambda c: (rank.get(c["chunk_id"], len(rank)), ordinal.get(c["chunk_id"], 0),
+                                           c["chunk_id"]))
 
     def kv_status(self, model: str | None = None) -> dict:
         """How many of the store's chunks have KV memory for `model` (encoded, on disk)."""
         answerer = self._answerer(model or DEFAULT_MODEL)
-        kv = answerer.kv_memory(PromptParts(answerer.backbone.tokenizer, "").prefix)
+        kv = answerer.stored_memory()
         ids = self.store.chunk_ids()
         return {"model": answerer.backbone.name, "chunks": len(ids),
                 "warm": sum(kv.path(i).exists() for i in ids)}

@@ -73,9 +73,9 @@ class KVWarmer:
     def _run(self) -> None:
         try:
             with self.lock:
-                kv = self.memory.kv_status(self.model)
-                self.warm, self.chunks = kv["warm"], kv["chunks"]
                 todo = self.memory.kv_warmup_order(self.model, self.questions)
+                self.chunks = self.memory.stats()["chunks"]
+                self.warm = self.chunks - len(todo)
             self.state = "warming"
             for start in range(0, len(todo), self.batch):
                 while not self.lock.acquire(timeout=0.2):  # a request holds the model: wait for it

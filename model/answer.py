@@ -81,6 +81,15 @@ class Answerer:
         """Tokens of a chunk's memory: its text, the separator, at most a slot."""
         return min(chunk["token_count"] + 4, self.decoder.slot_len)
 
+    def stored_memory(self) -> KVMemory:
+        """The KV store that memory mode reads chunks from (their prefix does not depend on the question)."""
+        return self.kv_memory(PromptParts(self.backbone.tokenizer, "").prefix)
+
+    def without_memory(self, chunks: list[dict]) -> list[dict]:
+        """The chunks whose memory is not stored yet, in their order."""
+        kv = self.stored_memory()
+        return [c for c in chunks if not kv.path(c["chunk_id"]).exists()]
+
     def precompute(self, chunks: list[dict], batch: int = 8, progress=None) -> int:
         """Encode the memory of chunks that have none yet; returns how many were encoded.
 
@@ -88,9 +97,9 @@ class Answerer:
         is stored as it is done, so a killed run resumes where it stopped. progress(tokens) is
         called after each batch.
         """
-        prefix = PromptParts(self.backbone.tokenizer, "").prefix  # the prefix does not depend on the question
+        prefix = PromptParts(self.backbone.tokenizer, "").prefix
         kv = self.kv_memory(prefix)
-        todo = [c for c in chunks if not kv.path(c["chunk_id"]).exists()]
+        todo = self.without_memory(chunks)
         b = self.backbone
         per_token = bytes_per_token(b.n_layers, b.n_kv_heads, b.head_dim, self.kv_dtype)
         need = kv.nbytes() + per_token * sum(self.kv_tokens(c) for c in todo)
