@@ -260,10 +260,10 @@ def main() -> None:
     source = corpus
     work = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
     try:
-        files, _ = discover([corpus], GLOB)
+        files, *_ = discover([corpus], GLOB)
         if args.limit:
             corpus = limited_copy(corpus, files, args.limit, work / "corpus")
-            files, _ = discover([corpus], GLOB)
+            files, *_ = discover([corpus], GLOB)
         print(f"corpus {corpus}: {len(files)} files", flush=True)
 
         t = time.perf_counter()

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import bisect
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 from ingest.loaders import Block
 from memstore.store import ChunkIn
@@ -18,6 +18,7 @@ from memstore.store import ChunkIn
 SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
 HEADING_FILL = 0.25  # a heading starts a new chunk once the current one is this full
 PARAGRAPH_FILL = 0.6  # an overfull chunk goes back to a paragraph start past this fill
+TOKENIZE_CHARS = 100_000  # longest stretch of a block tokenized at once
 
 
 @dataclass
@@ -86,30 +87,42 @@ class Chunker:
             self.char_count += len(block.text)
             if not block.text.strip():
                 continue
-            enc = self.tokenizer(block.text, add_special_tokens=False, return_offsets_mapping=True)
-            offsets = enc["offset_mapping"]
             first = True
-            for s, e in _sentence_spans(block.text):
-                for ps, pe, n in _split_by_tokens(block.text, offsets, s, e, self.config.size):
-                    yield Piece(start + ps, block.text[ps:pe], n, block.heading_path,
-                                section_start=block.is_heading and first,
-                                paragraph_start=first)
-                    first = False
+            for s, e in _windows(block.text):
+                enc = self.tokenizer(block.text[s:e], add_special_tokens=False, return_offsets_mapping=True)
+                offsets = [(a + s, b + s) for a, b in enc["offset_mapping"]]
+                starts = [o[0] for o in offsets]
+                for ss, se in _sentence_spans(block.text, s, e):
+                    for ps, pe, n in _split_by_tokens(offsets, starts, ss, se, self.config.size):
+                        yield Piece(start + ps, block.text[ps:pe], n, block.heading_path,
+                                    section_start=block.is_heading and first,
+                                    paragraph_start=first)
+                        first = False
 
 
-def _sentence_spans(text: str) -> list[tuple[int, int]]:
-    spans, pos = [], 0
-    for m in SENTENCE_END.finditer(text):
+def _windows(text: str) -> Iterator[tuple[int, int]]:
+    """Spans of at most TOKENIZE_CHARS that tile `text`, cut after a space where there is one, so
+    a 5 MB paragraph is tokenized piece by piece (time and memory stay linear)."""
+    pos = 0
+    while len(text) - pos > TOKENIZE_CHARS:
+        cut = text.rfind(" ", pos + TOKENIZE_CHARS // 2, pos + TOKENIZE_CHARS) + 1 or pos + TOKENIZE_CHARS
+        yield pos, cut
+        pos = cut
+    yield pos, len(text)
+
+
+def _sentence_spans(text: str, s: int, e: int) -> list[tuple[int, int]]:
+    spans, pos = [], s
+    for m in SENTENCE_END.finditer(text, s, e):
         spans.append((pos, m.end()))
         pos = m.end()
-    if pos < len(text):
-        spans.append((pos, len(text)))
+    if pos < e:
+        spans.append((pos, e))
     return spans
 
 
-def _split_by_tokens(text: str, offsets, s: int, e: int, size: int) -> Iterator[tuple[int, int, int]]:
+def _split_by_tokens(offsets, starts: list[int], s: int, e: int, size: int) -> Iterator[tuple[int, int, int]]:
     """Split text[s:e] into spans of at most `size` tokens, cutting between words."""
-    starts = [o[0] for o in offsets]
     i, j = bisect.bisect_left(starts, s), bisect.bisect_left(starts, e)
     pos = s
     while j - i > size:

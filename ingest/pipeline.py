@@ -8,17 +8,25 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import logging
 import os
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from ingest.chunking import Chunker, ChunkerConfig
 from ingest.embed import Embedder
-from ingest.loaders import LoadError, Unsupported, load
+from ingest.loaders import LoadError, Unsupported, codec_name, load, one_line
+from memstore.errors import MemstoreError
 from memstore.store import ChunkIn, DocumentIn, MemoryStore
+
+log = logging.getLogger("memstore.ingest")
+# failures of the store itself end the run: no later file could be written either
+STORE_ERRORS = (OperationalError, MemstoreError)
 
 EMBED_BUFFER = int(os.environ.get("MEMSTORE_EMBED_BUFFER", 256))  # chunks from small files per embedding call
 STREAM_AFTER = 2048  # a document with more chunks than this is written batch by batch
@@ -54,31 +62,49 @@ class _Pending:
 
 
 def discover(paths: Iterable[str | Path], glob: str | None, exclude: Path | None = None):
-    """Files under `paths` (following symlinks, never looping). Returns (files, problems)."""
+    """Files under `paths` (following symlinks, never looping). Returns (files, failed, skipped):
+    a path that does not exist has failed; a broken symlink, a loop or a fifo is skipped."""
     files: list[Path] = []
-    problems: list[dict] = []
+    failed: list[dict] = []
+    skipped: list[dict] = []
     for root in map(Path, paths):
-        if not root.exists():
-            kind = "broken symlink" if root.is_symlink() else "no such file or directory"
-            problems.append({"path": str(root), "reason": kind})
-        elif root.is_file():
-            files.append(Path(os.path.abspath(root)))
+        if root.is_dir():
+            files += _walk(Path(os.path.abspath(root)), glob, exclude, failed, skipped)
+        elif not root.exists():
+            (skipped if root.is_symlink() else failed).append(
+                _problem(root, "broken symlink" if root.is_symlink() else "no such file or directory"))
+        elif not root.is_file():
+            skipped.append(_problem(root, "not a regular file (a fifo, socket or device), skipped"))
         else:
-            files += _walk(Path(os.path.abspath(root)), glob, exclude, problems)
-    return list(dict.fromkeys(files)), problems
+            files.append(Path(os.path.abspath(root)))
+    return list(dict.fromkeys(files)), failed, skipped
 
 
-def _walk(root: Path, glob: str | None, exclude: Path | None, problems: list[dict]) -> list[Path]:
+def source_name(path: str | Path) -> str:
+    """A path as stored and shown: a file name that is not valid UTF-8 keeps its odd bytes as \\xNN."""
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+    return name
+
+
+def _problem(path: str | Path, reason: str) -> dict:
+    return {"path": source_name(path), "reason": reason}
+
+
+def _walk(root: Path, glob: str | None, exclude: Path | None, failed: list[dict], skipped: list[dict]) -> list[Path]:
     seen_dirs: set[tuple[int, int]] = set()
     found = []
 
     def on_error(err: OSError):
-        problems.append({"path": err.filename, "reason": err.strerror or str(err)})
+        failed.append(_problem(err.filename, err.strerror or str(err)))
 
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=on_error):
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen_dirs:
-            problems.append({"path": dirpath, "reason": "symlink loop, not followed"})
+            skipped.append(_problem(dirpath, "symlink loop, not followed"))
             dirnames[:] = []
             continue
         seen_dirs.add((st.st_dev, st.st_ino))
@@ -89,9 +115,11 @@ def _walk(root: Path, glob: str | None, exclude: Path | None, problems: list[dic
             if name.startswith(".") or (glob and not _matches(path, root, glob)):
                 continue
             if not path.exists():
-                problems.append({"path": str(path), "reason": "broken symlink"})
-                continue
-            found.append(path)
+                skipped.append(_problem(path, "broken symlink"))
+            elif not path.is_file():
+                skipped.append(_problem(path, "not a regular file (a fifo, socket or device), skipped"))
+            else:
+                found.append(path)
     return found
 
 
@@ -118,12 +146,13 @@ def _progress(total: int, enabled: bool | None):
 
 class Ingestor:
     def __init__(self, store: MemoryStore, embedder: Embedder, chunker: ChunkerConfig | None = None,
-                 meta: dict | None = None, progress: bool | None = None):
+                 meta: dict | None = None, progress: bool | None = None, encoding: str | None = None):
         self.store = store
         self.embedder = embedder
         self.config = (chunker or ChunkerConfig()).validate(embedder.max_tokens)
         self.meta = meta or {}
         self.progress = progress
+        self.encoding = _known_encoding(encoding)  # text files' encoding if the user names one; else per file
         self.summary = IngestSummary()
         self._pending: list[_Pending] = []
 
@@ -133,9 +162,11 @@ class Ingestor:
         store, summary = self.store, self.summary
         store.require_embedder(self.embedder.name, self.embedder.dim)
         rechunk = self._chunker_changed()
-        files, problems = discover(paths, glob, exclude=store.dir.resolve())
-        summary.files_failed += len(problems)
-        summary.failed += problems
+        files, failed, skipped = discover(paths, glob, exclude=store.dir.resolve())
+        summary.files_failed += len(failed)
+        summary.failed += failed
+        summary.files_skipped += len(skipped)
+        summary.skipped += skipped
         run_id = store.start_run()
         checkpoint, store.checkpoint_seconds = store.checkpoint_seconds, 30.0
         status = "interrupted"
@@ -151,7 +182,7 @@ class Ingestor:
                                 rate=f"{summary.chunks_added / max(1e-9, time.perf_counter() - started):.0f} chunks/s")
             self._flush()
             if prune:
-                self._prune(paths, set(map(str, files)) | {p["path"] for p in problems})
+                self._prune(paths, set(map(source_name, files)) | {p["path"] for p in failed + skipped})
             store.set_setting("chunker", self._chunker_signature())
             status = "done" if summary.ok else "failed"
         finally:
@@ -165,7 +196,7 @@ class Ingestor:
     # ---- one file ------------------------------------------------------------------------
 
     def _ingest_file(self, path: Path, rechunk: bool) -> None:
-        source = str(path)
+        source = source_name(path)
         try:
             st = path.stat()
             known = self.store.document(source)
@@ -180,9 +211,10 @@ class Ingestor:
             if st.st_size == 0:
                 self._skip(source, "empty file")
                 return
-            loaded = load(path)
+            loaded = load(path, self.encoding)
             doc = DocumentIn(source=source, content_hash=digest, size=st.st_size, mtime=st.st_mtime,
-                             char_count=0, title=loaded.title or path.name, meta=dict(self.meta))
+                             char_count=0, title=loaded.title or source_name(path.name), meta=dict(self.meta),
+                             encoding=loaded.encoding)
             chunker = Chunker(self.embedder.tokenizer, self.config)
             chunks = chunker.chunks(loaded.blocks)
             head = _take(chunks, STREAM_AFTER)
@@ -202,40 +234,54 @@ class Ingestor:
             self.summary.files_ingested += 1
         except Unsupported as e:
             self._skip(source, str(e))
-        except LoadError as e:
-            self._fail(source, str(e))
-        except FileNotFoundError:
-            self._fail(source, "vanished during ingest")
-        except PermissionError:
-            self._fail(source, "permission denied")
-        except IsADirectoryError:
-            self._fail(source, "is a directory")
-        except OSError as e:
-            self._fail(source, e.strerror or str(e))
+        except Exception as e:
+            if isinstance(e, STORE_ERRORS):
+                raise
+            self._fail(source, failure_reason(e), e)
 
     def _stream_document(self, doc: DocumentIn, chunker: Chunker, head: list[ChunkIn], rest: Iterator[ChunkIn]) -> None:
         """A large document: embed and insert batch by batch inside one transaction."""
+        added: list[ChunkIn] = []
         with self.store.document_writer(doc) as writer:
             batch = head
             while batch:
                 writer.add(batch, self.embedder.encode([c.text for c in batch]))
-                self._count_added(batch)
+                added += batch
                 batch = _take(rest, EMBED_BUFFER * 4)
             writer.set_char_count(chunker.char_count)
+        self._count_added(added)  # only once committed: a failure rolls the whole document back
 
     def _flush(self) -> None:
-        """Embed all pending chunks in one call, then commit each document on its own."""
+        """Embed all pending chunks in one call, then commit each document on its own. If that
+        call fails, each document is embedded alone, so only the one that fails is reported."""
         if not self._pending:
             return
-        texts = [c.text for p in self._pending for c in p.chunks]
-        vectors = self.embedder.encode(texts)
+        pending, self._pending = self._pending, []
+        try:
+            vectors = self.embedder.encode([c.text for p in pending for c in p.chunks])
+        except Exception as e:  # noqa: BLE001
+            if len(pending) == 1:
+                self.summary.files_ingested -= 1
+                self._fail(pending[0].doc.source, failure_reason(e, "embedding"), e)
+                return
+            for p in pending:
+                self._pending = [p]
+                self._flush()
+            return
         start = 0
-        for p in self._pending:
-            self.store.add_document(p.doc, p.chunks, vectors[start:start + len(p.chunks)])
+        for p in pending:
+            part = vectors[start:start + len(p.chunks)]
+            start += len(p.chunks)
+            try:
+                self.store.add_document(p.doc, p.chunks, part)
+            except Exception as e:
+                if isinstance(e, STORE_ERRORS):
+                    raise
+                self.summary.files_ingested -= 1
+                self._fail(p.doc.source, failure_reason(e, "storing"), e)
+                continue
             self.summary.chunks_removed += p.replaced
             self._count_added(p.chunks)
-            start += len(p.chunks)
-        self._pending.clear()
 
     def _count_added(self, chunks: list[ChunkIn]) -> None:
         self.summary.chunks_added += len(chunks)
@@ -251,9 +297,10 @@ class Ingestor:
         self.summary.files_skipped += 1
         self.summary.skipped.append({"path": source, "reason": reason})
 
-    def _fail(self, source: str, reason: str) -> None:
+    def _fail(self, source: str, reason: str, error: BaseException | None = None) -> None:
         self.summary.files_failed += 1
         self.summary.failed.append({"path": source, "reason": reason})
+        log.info("failed: %s: %s", source, reason, exc_info=error)
 
     def _delete(self, source: str) -> None:
         self.summary.chunks_removed += self._chunks_of(self.store.document(source))
@@ -277,6 +324,36 @@ class Ingestor:
     def _chunker_changed(self) -> bool:
         stored = self.store.get_setting("chunker")
         return stored is not None and stored != self._chunker_signature()
+
+
+def _known_encoding(name: str | None) -> str | None:
+    if name is None:
+        return None
+    try:
+        return codec_name(name)
+    except LookupError:
+        raise ValueError(f"unknown encoding {name!r} (try utf-8, utf-16, cp1252, latin-1, shift_jis, gb18030)") from None
+
+
+def failure_reason(error: BaseException, stage: str = "reading") -> str:
+    """One line for the user: what failed and why (the traceback goes to the log with --verbose)."""
+    if isinstance(error, LoadError):
+        return str(error)
+    if isinstance(error, FileNotFoundError):
+        return "vanished during ingest"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    if isinstance(error, IsADirectoryError):
+        return "is a directory"
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    if isinstance(error, RecursionError):
+        return f"too deeply nested to process ({stage})"
+    if isinstance(error, MemoryError):
+        return f"ran out of memory ({stage})"
+    if isinstance(error, SQLAlchemyError):
+        return f"the database refused it ({type(error).__name__}: {one_line(error)})"
+    return f"internal error while {stage} it ({type(error).__name__}: {one_line(error)}); --verbose logs the traceback"
 
 
 def _take(it: Iterator, n: int) -> list:

@@ -4,14 +4,20 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 from sqlalchemy.exc import DBAPIError
 
 from ingest.chunking import Chunker, ChunkerConfig
-from ingest.embed import DEFAULT_EMBEDDER, RERANKER, Embedder, load_embedder, resolve_embedder_path
+from ingest.embed import (
+    DEFAULT_EMBEDDER,
+    RERANKER,
+    Embedder,
+    load_embedder,
+    resolve_embedder_path,
+)
 from ingest.loaders import markdown_blocks
 from ingest.pipeline import Ingestor
 from memstore import lexical
@@ -73,11 +79,16 @@ class Memory:
 
     def ingest(self, paths: str | Path | Iterable[str | Path], *, glob: str | None = None,
                chunk_size: int = 200, overlap: int = 32, prune: bool = False,
-               meta: dict | None = None, progress: bool | None = False) -> dict:
-        """Ingest files and directories; returns the run summary (files, chunks, seconds, failures)."""
+               meta: dict | None = None, progress: bool | None = False, encoding: str | None = None) -> dict:
+        """Ingest files and directories; returns the run summary (files, chunks, seconds, failures).
+
+        A file that cannot be read is listed under "failed" (or "skipped" when it is not a kind
+        memstore reads) and the run goes on. `encoding` names the encoding of every text file;
+        by default each one's is read from its byte-order mark, else UTF-8, else guessed."""
         if isinstance(paths, (str, Path)):
             paths = [paths]
-        ingestor = Ingestor(self.store, self.embedder, ChunkerConfig(chunk_size, overlap), meta=meta, progress=progress)
+        ingestor = Ingestor(self.store, self.embedder, ChunkerConfig(chunk_size, overlap), meta=meta,
+                            progress=progress, encoding=encoding)
         return ingestor.run(paths, glob=glob, prune=prune).to_dict()
 
     def add_text(self, text: str, *, source: str | None = None, title: str | None = None,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
 
@@ -19,8 +20,15 @@ class Fail(click.ClickException):
     exit_code = 2
 
 
+class InternalError(click.ClickException):
+    """A bug, not bad input: one line here, the traceback with --verbose; exit code 3."""
+
+    exit_code = 3
+
+
 def friendly_errors(fn):
-    """Turn library errors into one-line messages with exit code 2."""
+    """Turn library errors into one-line messages with exit code 2, and anything unexpected into
+    one line with exit code 3 (with --verbose, the traceback instead)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -30,8 +38,36 @@ def friendly_errors(fn):
             return fn(*args, **kwargs)
         except (MemstoreError, EmbedderNotFound, ValueError) as e:
             raise Fail(str(e)) from None
+        except Exception as e:
+            if VERBOSE.enabled:
+                raise
+            raise InternalError(f"internal error ({type(e).__name__}: {e}); run again with --verbose "
+                                f"for the traceback") from None
 
     return wrapper
+
+
+class VERBOSE:
+    enabled = False
+
+
+def set_verbose(_ctx, _param, value: bool) -> bool:
+    """--verbose: memstore's log (per-file failures with their tracebacks) goes to stderr; without it,
+    third-party parsers' warnings (pypdf on damaged PDFs) are hidden."""
+    if value and not VERBOSE.enabled:
+        VERBOSE.enabled = True
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("memstore").addHandler(handler)
+        logging.getLogger("memstore").setLevel(logging.DEBUG)
+        logging.getLogger("pypdf").setLevel(logging.WARNING)
+    elif not VERBOSE.enabled:
+        logging.getLogger("pypdf").setLevel(logging.ERROR)
+    return value
+
+
+verbose_option = click.option("-v", "--verbose", is_flag=True, expose_value=False, is_eager=True, callback=set_verbose,
+                              help="Log each failure with its traceback to stderr.")
 
 
 def emit(obj, as_json: bool, human=None) -> None:
@@ -60,6 +96,7 @@ def open_memory(store: str, data_dir: str | None, create: bool = False, **kwargs
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="memstore")
+@verbose_option
 def main():
     """memstore: an external memory for language models.
 
@@ -81,19 +118,24 @@ def main():
 @click.option("--model", default=None, help="Model for --kv (default: qwen2.5-0.5b, or $MEMSTORE_MODEL).")
 @click.option("--kv-budget", type=float, default=None,
               help="Largest KV memory on disk, GiB; kept in the store for later asks (default: the store's, else 4).")
+@click.option("--encoding", default=None,
+              help="Encoding of every text file (e.g. cp1252, shift_jis). Default: per file, from its "
+                   "byte-order mark, else UTF-8, else a guess; the one used is recorded with the document.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
+@verbose_option
 @json_option
 @friendly_errors
 def ingest(paths, store, data_dir, glob, chunk_size, overlap, prune, embedder, meta, kv, model, kv_budget,
-           progress, as_json):
+           encoding, progress, as_json):
     """Ingest files and directories (txt, md, rst, html, pdf) into the store.
 
-    Unchanged files are skipped; changed files are replaced; a killed run resumes.
-    Exit code 1 when a file failed to load, 2 on bad input.
+    Unchanged files are skipped; changed files are replaced; a killed run resumes. A file that
+    cannot be read is reported with its reason and the run goes on (its stored version, if any,
+    is kept). Exit code 1 when a file failed, 2 on bad input.
     """
     with open_memory(store, data_dir, create=True, embedder=embedder) as mem:
         summary = mem.ingest(list(paths), glob=glob, chunk_size=chunk_size, overlap=overlap,
-                             prune=prune, meta=parse_pairs(meta), progress=progress)
+                             prune=prune, meta=parse_pairs(meta), progress=progress, encoding=encoding)
         if kv:
             show = sys.stderr.isatty() if progress is None else progress
             summary["kv"] = mem.build_kv(model, budget_gib=kv_budget, progress=show)

@@ -31,6 +31,7 @@ class Document(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     mtime: Mapped[float] = mapped_column(Float)
     title: Mapped[str | None] = mapped_column(Text)
+    encoding: Mapped[str | None] = mapped_column(String(64))  # text encoding read with (None for PDF)
     char_count: Mapped[int] = mapped_column(BigInteger)  # length of the extracted text
     meta: Mapped[dict] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

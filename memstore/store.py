@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 from sqlalchemy import Connection, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql as postgresql_dialect, sqlite as sqlite_dialect
+from sqlalchemy.engine import URL
 
 from memstore import db, kv, lexical
 from memstore.errors import (
@@ -64,6 +65,7 @@ class DocumentIn:
     char_count: int
     title: str | None = None
     meta: dict = field(default_factory=dict)
+    encoding: str | None = None
 
 
 @dataclass
@@ -151,7 +153,8 @@ def resolve_target(target: str | Path, data_dir: str | Path | None) -> tuple[str
             data_dir = Path.home() / ".local" / "share" / "memstore" / f"{slug[-60:]}-{digest}"
         return target, Path(data_dir)
     path = Path(target).expanduser()
-    return f"sqlite:///{path.resolve() / DB_FILE}", path
+    # URL.create quotes what a URL would misread in a path ('%', '?', '#', '@', ':')
+    return URL.create("sqlite", database=str(path.resolve() / DB_FILE)).render_as_string(), path
 
 
 class MemoryStore:
@@ -325,7 +328,7 @@ class MemoryStore:
             self._delete_where(conn, changes, Document.source == doc.source)
             doc_id = conn.execute(insert(Document).values(
                 source=doc.source, content_hash=doc.content_hash, size=doc.size, mtime=doc.mtime,
-                title=doc.title, char_count=doc.char_count, meta=doc.meta or {},
+                title=doc.title, char_count=doc.char_count, meta=doc.meta or {}, encoding=doc.encoding,
                 created_at=utcnow(), updated_at=utcnow(),
             ).returning(Document.id)).scalar_one()
             yield DocumentWriter(conn, changes, doc_id, self.embedder_dim)
@@ -584,7 +587,7 @@ class MemoryStore:
 
     def documents(self) -> list[dict]:
         cols = (Document.id, Document.source, Document.content_hash, Document.size, Document.mtime,
-                Document.title, Document.char_count, Document.meta)
+                Document.title, Document.char_count, Document.encoding, Document.meta)
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(select(*cols).order_by(Document.id)).mappings()]
 
@@ -596,7 +599,8 @@ class MemoryStore:
 
     def document_info(self, document_id: int) -> dict:
         """One document's row and chunk count; MemstoreError when there is no such document."""
-        cols = (Document.id, Document.source, Document.title, Document.char_count, Document.size, Document.meta)
+        cols = (Document.id, Document.source, Document.title, Document.char_count, Document.size, Document.encoding,
+                Document.meta)
         with self.engine.connect() as conn:
             row = conn.execute(select(*cols).where(Document.id == document_id)).mappings().first()
         if row is None:

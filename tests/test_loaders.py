@@ -57,8 +57,8 @@ def test_binary_invalid_utf8_and_unknown_types(tmp_path):
     with pytest.raises(Unsupported, match="binary"):
         load(tmp_path / "blob")
     (tmp_path / "latin.txt").write_bytes("caf\xe9 ol\xe9\n".encode("latin-1"))
-    with pytest.raises(LoadError, match="not valid UTF-8"):
-        list(load(tmp_path / "latin.txt").blocks)
+    with pytest.raises(LoadError, match="not valid utf-8 .* --encoding"):
+        list(load(tmp_path / "latin.txt", "utf-8").blocks)  # named by the user: strict
     (tmp_path / "data.xyz").write_text("some text")
     with pytest.raises(Unsupported, match="unsupported file type .xyz"):
         load(tmp_path / "data.xyz")
