@@ -274,6 +274,24 @@ def stats(store, data_dir, as_json):
         emit(mem.stats(), as_json, lambda s: [click.echo(f"{k}: {v}") for k, v in s.items()])
 
 
+@main.command()
+@store_option
+@data_dir_option
+@json_option
+@friendly_errors
+def documents(store, data_dir, as_json):
+    """List the store's documents: id, source, title, size and the text encoding each was read with."""
+    with open_memory(store, data_dir) as mem:
+        docs = mem.store.documents()
+    emit(docs, as_json, print_documents)
+
+
+def print_documents(docs: list[dict]) -> None:
+    for d in docs:
+        click.echo(f"{d['id']:>6}  {d['encoding'] or '-':<10} {d['char_count']:>10} chars  {d['source']}")
+    click.echo(f"{len(docs)} documents")
+
+
 host_option = click.option("--host", default="127.0.0.1", show_default=True,
                            help="Interface to listen on (0.0.0.0 exposes the store to your network).")
 port_option = click.option("--port", default=8000, show_default=True, help="TCP port.")
