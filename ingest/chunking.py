@@ -19,6 +19,7 @@ SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
 HEADING_FILL = 0.25  # a heading starts a new chunk once the current one is this full
 PARAGRAPH_FILL = 0.6  # an overfull chunk goes back to a paragraph start past this fill
 TOKENIZE_CHARS = 100_000  # longest stretch of a block tokenized at once
+MAX_CHARS_PER_TOKEN = 12  # a chunk of `size` tokens holds at most size * this many characters
 
 
 @dataclass
@@ -54,8 +55,13 @@ class Chunker:
 
     def chunks(self, blocks: Iterable[Block]) -> Iterator[ChunkIn]:
         size, overlap = self.config.size, self.config.overlap
+        max_chars = size * MAX_CHARS_PER_TOKEN
         current: list[Piece] = []
         ordinal = 0
+
+        def overfull(pieces: list[Piece], piece: Piece) -> bool:
+            return (sum(p.tokens for p in pieces) + piece.tokens > size
+                    or sum(len(p.text) for p in pieces) + len(piece.text) > max_chars)
 
         def emit(pieces: list[Piece]) -> ChunkIn | None:
             nonlocal ordinal
@@ -67,14 +73,14 @@ class Chunker:
         for piece in self._pieces(blocks):
             tokens = sum(p.tokens for p in current)
             heading_break = piece.section_start and tokens >= HEADING_FILL * size
-            if current and (tokens + piece.tokens > size or heading_break):
+            if current and (overfull(current, piece) or heading_break):
                 keep = [] if heading_break else _paragraph_tail(current, size)
                 done = current[:len(current) - len(keep)]
                 if (chunk := emit(done)) is not None:
                     yield chunk
                 carry = [] if piece.section_start else _overlap_tail(done, overlap)
                 current = carry + keep
-                while current and sum(p.tokens for p in current) + piece.tokens > size:
+                while current and overfull(current, piece):
                     current.pop(0)
             current.append(piece)
         if current and (chunk := emit(current)) is not None:
@@ -86,6 +92,8 @@ class Chunker:
             start = self.char_count
             self.char_count += len(block.text)
             if not block.text.strip():
+                # kept, with no tokens: a chunk's text is its pieces joined, so none may be left out
+                yield Piece(start, block.text, 0, block.heading_path, section_start=False, paragraph_start=False)
                 continue
             first = True
             for s, e in _windows(block.text):
@@ -93,7 +101,7 @@ class Chunker:
                 offsets = [(a + s, b + s) for a, b in enc["offset_mapping"]]
                 starts = [o[0] for o in offsets]
                 for ss, se in _sentence_spans(block.text, s, e):
-                    for ps, pe, n in _split_by_tokens(offsets, starts, ss, se, self.config.size):
+                    for ps, pe, n in _split_by_tokens(block.text, offsets, starts, ss, se, self.config.size):
                         yield Piece(start + ps, block.text[ps:pe], n, block.heading_path,
                                     section_start=block.is_heading and first,
                                     paragraph_start=first)
@@ -121,18 +129,27 @@ def _sentence_spans(text: str, s: int, e: int) -> list[tuple[int, int]]:
     return spans
 
 
-def _split_by_tokens(offsets, starts: list[int], s: int, e: int, size: int) -> Iterator[tuple[int, int, int]]:
-    """Split text[s:e] into spans of at most `size` tokens, cutting between words."""
+def _split_by_tokens(text: str, offsets, starts: list[int], s: int, e: int, size: int) -> Iterator[tuple[int, int, int]]:
+    """Split text[s:e] into spans of at most `size` tokens and `size * MAX_CHARS_PER_TOKEN` chars,
+    cutting between words where there is a gap. The char bound matters where a tokenizer maps a
+    long run of characters to one unknown token (a 300,000-character 'word' is 3 tokens)."""
+    max_chars = size * MAX_CHARS_PER_TOKEN
     i, j = bisect.bisect_left(starts, s), bisect.bisect_left(starts, e)
     pos = s
-    while j - i > size:
-        cut = i + size
-        for t in range(i + size, i + size // 2, -1):
-            if offsets[t - 1][1] < offsets[t][0]:  # a gap between tokens: a word boundary
-                cut = t
-                break
-        yield pos, offsets[cut][0], cut - i
-        pos, i = offsets[cut][0], cut
+    while j - i > size or e - pos > max_chars:
+        end = pos
+        if j - i > size:
+            cut = i + size
+            for t in range(i + size, i + size // 2, -1):
+                if offsets[t - 1][1] < offsets[t][0]:  # a gap between tokens: a word boundary
+                    cut = t
+                    break
+            end = offsets[cut][0]
+        if end - pos > max_chars or end <= pos:
+            end = text.rfind(" ", pos + max_chars // 2, pos + max_chars) + 1 or pos + max_chars
+        cut = bisect.bisect_left(starts, end, i, j)
+        yield pos, end, cut - i
+        pos, i = end, cut
     if pos < e:
         yield pos, e, j - i
 

@@ -121,13 +121,23 @@ def guess_encoding(path: Path) -> str | None:
 
     with open(path, "rb") as f:
         sample = f.read(GUESS_BYTES)
-    matches = [m for m in charset_normalizer.from_bytes(sample) if not m.encoding.startswith(("utf_16", "utf_32"))]
+    matches = [m for m in charset_normalizer.from_bytes(sample) if _ascii_compatible(m.encoding)]
     if not matches:
         return None
     best = min((m.chaos, -m.coherence) for m in matches)
     tied = [m.encoding for m in matches if (m.chaos, -m.coherence) == best]
     name = next((e for e in COMMON_ENCODINGS if e in tied), tied[0])
     return codec_name("utf-8" if name == "ascii" else name)
+
+
+def _ascii_compatible(encoding: str) -> bool:
+    """Whether ASCII bytes mean ASCII in `encoding`: true of every plausible guess for a file
+    without NUL bytes, false of UTF-16/32 and EBCDIC, which fit short samples by accident."""
+    probe = bytes(range(0x20, 0x7F)) + b"\t\n\r"
+    try:
+        return probe.decode(encoding) == probe.decode("ascii")
+    except (UnicodeDecodeError, LookupError):
+        return False
 
 
 def read_text(path: Path, encoding: TextEncoding) -> str:
