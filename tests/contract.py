@@ -8,6 +8,12 @@ from ingest.chunking import MAX_CHARS_PER_TOKEN, Chunker, ChunkerConfig
 from ingest.loaders import UNSTORABLE, Block, LoadError, load
 
 SIZE, OVERLAP = 32, 8
+SUFFIXES = [".txt", ".md", ".rst", ".html", ".pdf", ""]
+
+
+def kind_and_body(data: bytes) -> tuple[str, bytes]:
+    """A fuzzer input: its first byte picks the kind of file, the rest is the file."""
+    return (SUFFIXES[data[0] % len(SUFFIXES)], data[1:]) if data else (".txt", b"")
 
 
 def loaded_text(data: bytes, suffix: str, tokenizer) -> str | None:

@@ -3,11 +3,10 @@ held to the contract in tests/contract.py."""
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from contract import assert_chunks_quote, loaded_text, loaded_with_encoding
+from contract import SUFFIXES, assert_chunks_quote, loaded_text, loaded_with_encoding
 from ingest.loaders import Block
 from zoo import pdf_bytes
 
-SUFFIXES = [".txt", ".md", ".rst", ".html", ".pdf", ""]
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MARKUP = st.text(alphabet=st.sampled_from(list("<>/!-=#*`~'\"&;:.? \n\r\tabcpdivhl1é日\u200b\x00")), max_size=600)
 LINE = st.one_of(st.just(""), st.just("\n"), st.sampled_from(["# H", "## Sub", "=====", "-----", "```", "Title", ".. x::"]),

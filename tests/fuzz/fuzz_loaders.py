@@ -23,9 +23,8 @@ with atheris.instrument_imports():
     import pypdf  # noqa: F401
 
     from ingest import chunking, loaders  # noqa: F401
-    from contract import loaded_with_encoding
+    from contract import kind_and_body, loaded_with_encoding
 
-SUFFIXES = [".txt", ".md", ".rst", ".html", ".pdf", ""]
 _tokenizer = None
 
 
@@ -36,10 +35,6 @@ def tokenizer():
 
         _tokenizer = load_embedder().tokenizer
     return _tokenizer
-
-
-def kind_and_body(data: bytes) -> tuple[str, bytes]:
-    return (SUFFIXES[data[0] % len(SUFFIXES)], data[1:]) if data else (".txt", b"")
 
 
 def one_input(data: bytes) -> None:
