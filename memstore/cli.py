@@ -38,6 +38,8 @@ def friendly_errors(fn):
             return fn(*args, **kwargs)
         except (MemstoreError, EmbedderNotFound, ValueError) as e:
             raise Fail(str(e)) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
         except Exception as e:
             if VERBOSE.enabled:
                 raise

@@ -48,3 +48,24 @@ def test_store_from_a_newer_memstore_is_refused(tmp_path):
     result = CliRunner().invoke(main, ["stats", "--store", str(store)])
     assert result.exit_code == 2 and "9999_future" in result.output
     assert db.current_revision(engine) == "9999_future"  # left as it was
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_0003_store_gains_document_encodings(tmp_path, request, backend):
+    """Documents from before 0004 keep a NULL encoding; new ones record theirs."""
+    from alembic import command
+
+    url = f"sqlite:///{tmp_path / 'old.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
+    engine = db.make_engine(url)
+    cfg = db.alembic_config(engine)
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0003")
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO documents(source, content_hash, size, mtime, char_count, meta, created_at, "
+                          "updated_at) VALUES ('old.txt', 'h', 1, 1, 100, '{}', '2026-01-01', '2026-01-01')"))
+    db.upgrade(engine)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT source, encoding FROM documents")).all() == [("old.txt", None)]
+    assert db.current_revision(engine) == db.head_revision(engine)
+    engine.dispose()
