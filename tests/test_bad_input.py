@@ -57,6 +57,8 @@ def test_any_directory_name_works_as_store_data_and_input(tmp_path, name):
     docs = good_file(tmp_path / f"in {name}")
     (docs / f"{name[:200]}.md").write_text("# Odd\n\nThe wombat sleeps.\n")
     store = str(tmp_path / name)
+    done = cli("ingest", str(docs), "--store", store, "--glob", "*.md", "--json")
+    assert done.returncode == 0 and '"files_ingested": 1' in done.stdout, done.stderr
     done = cli("ingest", str(docs), "--store", store)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / name / "memstore.db").exists()

@@ -248,7 +248,7 @@ def outcome(summary: dict, found: bool) -> tuple[str, str]:
         return FAILED, summary["failed"][0]["reason"]
     if summary["skipped"]:
         return SKIPPED, summary["skipped"][0]["reason"]
-    return "nothing", ""
+    return (INGESTED, "holds no needle") if summary["files_ingested"] else ("nothing", "")
 
 
 def as_expected(kind: Kind, got: str) -> bool:
