@@ -456,18 +456,18 @@ def load(path: Path, encoding: str | None = None) -> Loaded:
     read from a byte-order mark, else UTF-8, else guessed. Block text never holds NUL or a lone
     surrogate (each becomes U+FFFD, so offsets are unchanged)."""
     loaded = loader_for(path)(path, encoding)
-    title = _storable(loaded.title)[:MAX_TITLE] if loaded.title else None
+    title = storable(loaded.title)[:MAX_TITLE] if loaded.title else None
     return Loaded(title, _storable_blocks(loaded.blocks), loaded.encoding)
 
 
-def _storable(text: str) -> str:
+def storable(text: str) -> str:
     return UNSTORABLE.sub("\ufffd", text)
 
 
 def _storable_blocks(blocks: Iterator[Block]) -> Iterator[Block]:
     for block in blocks:
         if UNSTORABLE.search(block.text) or any(UNSTORABLE.search(h) for h in block.heading_path):
-            block = Block(_storable(block.text), tuple(map(_storable, block.heading_path)), block.is_heading)
+            block = Block(storable(block.text), tuple(map(storable, block.heading_path)), block.is_heading)
         yield block
 
 

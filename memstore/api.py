@@ -18,7 +18,7 @@ from ingest.embed import (
     load_embedder,
     resolve_embedder_path,
 )
-from ingest.loaders import markdown_blocks
+from ingest.loaders import markdown_blocks, storable
 from ingest.pipeline import Ingestor
 from memstore import lexical
 from memstore.errors import EmbedderMismatchError, MemstoreError
@@ -93,7 +93,9 @@ class Memory:
 
     def add_text(self, text: str, *, source: str | None = None, title: str | None = None,
                  meta: dict | None = None, chunk_size: int = 200, overlap: int = 32) -> int:
-        """Add a string as a document (markdown headings are kept); returns its document id."""
+        """Add a string as a document (markdown headings are kept); returns its document id.
+        NUL and lone surrogates, which no store can hold, become U+FFFD."""
+        text = storable(text)
         digest = hashlib.sha256(text.encode()).hexdigest()
         source = source or f"text:{digest[:16]}"
         emb = self.embedder

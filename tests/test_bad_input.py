@@ -151,6 +151,14 @@ def test_nul_and_lone_surrogates_never_reach_the_store(tmp_path):
     assert "\x00" not in text and "before\ufffdafter" in text and len(text) == 10000 + len("before\x00after pelican\n")
 
 
+def test_add_text_stores_text_with_nul_and_lone_surrogates(store_target):
+    target, data_dir = store_target
+    with memstore.open(target, data_dir=data_dir) as mem:
+        mem.add_text("An ibis\x00 stood \ud800 here.", source="odd")
+        [hit] = mem.search("ibis", k=1, mode="lexical")
+    assert hit.text == "An ibis\ufffd stood \ufffd here."
+
+
 # ---- failures stay per file ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("error,reason", [
