@@ -57,12 +57,13 @@ def test_any_directory_name_works_as_store_data_and_input(tmp_path, name):
     docs = good_file(tmp_path / f"in {name}")
     (docs / f"{name[:200]}.md").write_text("# Odd\n\nThe wombat sleeps.\n")
     store = str(tmp_path / name)
-    done = cli("ingest", str(docs), "--store", store, "--glob", "*.md", "--json")
-    assert done.returncode == 0 and '"files_ingested": 1' in done.stdout, done.stderr
-    done = cli("ingest", str(docs), "--store", store)
-    assert done.returncode == 0, done.stderr
+    runner = CliRunner()
+    done = runner.invoke(main, ["ingest", str(docs), "--store", store, "--glob", "*.md", "--json"])
+    assert done.exit_code == 0 and '"files_ingested": 1' in done.stdout, done.output
+    done = runner.invoke(main, ["ingest", str(docs), "--store", store])
+    assert done.exit_code == 0, done.output
     assert (tmp_path / name / "memstore.db").exists()
-    assert cli("check", "--store", store).returncode == 0
+    assert runner.invoke(main, ["check", "--store", store]).exit_code == 0
     with memstore.open(store) as mem:
         assert found(mem, "zanzibar") and found(mem, "wombat")
         assert {os.path.basename(d["source"]) for d in mem.store.documents()} == {"good.txt", f"{name[:200]}.md"}
