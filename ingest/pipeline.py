@@ -102,7 +102,12 @@ def _walk(root: Path, glob: str | None, exclude: Path | None, failed: list[dict]
         failed.append(_problem(err.filename, err.strerror or str(err)))
 
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=on_error):
-        st = os.stat(dirpath)
+        try:
+            st = os.stat(dirpath)
+        except OSError as e:  # removed while we walk
+            on_error(e)
+            dirnames[:] = []
+            continue
         if (st.st_dev, st.st_ino) in seen_dirs:
             skipped.append(_problem(dirpath, "symlink loop, not followed"))
             dirnames[:] = []
