@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Coverage-guided fuzzing of the loaders and the chunker with atheris (libFuzzer).
 
     python tests/fuzz/fuzz_loaders.py tests/fuzz/corpus -max_total_time=600 -max_len=8192
