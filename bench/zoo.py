@@ -21,19 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import zoo  # noqa: E402
+from longctx import _cpu_name as cpu_name  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 PG_DB = "memstore zoo %&'$ ü"
 PG_URL = ("postgresql+psycopg://postgres:p%40ss%3Aw%25rd%27%26%24@127.0.0.1:5432/"
           "memstore%20zoo%20%25%26%27%24%20%C3%BC")
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def ingest(paths: list[str], store: list[str]) -> tuple[dict | None, int, bool, float]:

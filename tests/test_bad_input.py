@@ -1,8 +1,6 @@
 """One bad file never stops a run; any store path works; text in any common encoding (issue 20)."""
 import codecs
 import os
-import subprocess
-import sys
 
 import psycopg
 import pytest
@@ -15,13 +13,10 @@ from ingest import loaders, pipeline
 from ingest.chunking import MAX_CHARS_PER_TOKEN, Chunker, ChunkerConfig
 from ingest.loaders import Block, LoadError, load
 from memstore.cli import main
+from zoo import cli
+from zoo import needle_found as found
 
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
-
-
-def cli(*args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "memstore.cli", *args], capture_output=True, text=True, env=env)
 
 
 def good_file(folder, word="zanzibar"):
@@ -30,20 +25,15 @@ def good_file(folder, word="zanzibar"):
     return folder
 
 
-def found(mem, word):
-    hits = mem.search(word, k=1, mode="lexical")
-    return bool(hits) and word in hits[0].text
-
-
 # ---- the three reported cases ------------------------------------------------------------------
 
 def test_deep_html_beside_a_good_file_ingests_both_without_a_traceback(tmp_path):
     docs = good_file(tmp_path / "docs")
     (docs / "deep.html").write_text("<html><body>" + "<div>" * 20000 + "bottom quokka" + "</div>" * 20000)
     store = str(tmp_path / "kb")
-    done = cli("ingest", str(docs), "--store", store)
-    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
-    assert "2 ingested" in done.stdout
+    code, out, err = cli("ingest", str(docs), "--store", store)
+    assert code == 0 and "Traceback" not in err, err
+    assert "2 ingested" in out
     with memstore.open(store) as mem:
         assert found(mem, "zanzibar") and found(mem, "quokka")
 
@@ -87,9 +77,9 @@ def odd_pg_url():
 def test_postgres_url_with_odd_database_name_and_password(tmp_path, pg_server, odd_pg_url):
     docs = good_file(tmp_path / "docs 100%")
     data_dir = str(tmp_path / "data o'brien & 100%")
-    done = cli("ingest", str(docs), "--store", odd_pg_url, "--data-dir", data_dir)
-    assert done.returncode == 0, done.stderr
-    assert cli("check", "--store", odd_pg_url, "--data-dir", data_dir).returncode == 0
+    code, _, err = cli("ingest", str(docs), "--store", odd_pg_url, "--data-dir", data_dir)
+    assert code == 0, err
+    assert cli("check", "--store", odd_pg_url, "--data-dir", data_dir)[0] == 0
     with memstore.open(odd_pg_url, data_dir=data_dir) as mem:
         assert found(mem, "zanzibar")
 
@@ -288,5 +278,5 @@ def test_fifos_are_skipped_and_non_utf8_file_names_are_kept(tmp_path):
     assert [s["reason"] for s in first["skipped"]] == ["not a regular file (a fifo, socket or device), skipped"]
     assert sources == ["caf\\xe9.txt", "good.txt"]
     assert again["files_ingested"] == 0 and again["documents_removed"] == 0  # unchanged, and not pruned
-    done = cli("ingest", str(docs), "--store", str(store))  # printing the odd name must not crash
-    assert done.returncode == 0 and "Traceback" not in done.stderr
+    code, _, err = cli("ingest", str(docs), "--store", str(store))  # printing the odd name must not crash
+    assert code == 0 and "Traceback" not in err
