@@ -86,7 +86,7 @@ def text_encoding(path: Path, named: str | None = None, declared: str | None = N
     if named:
         return TextEncoding(codec_name(named))
     for bom, name in BOMS:
-        if head.startswith(bom):
+        if head.startswith(bom) and (name != "utf-32" or _fits_utf32(head, path.stat().st_size)):
             return TextEncoding(name)
     if b"\x00" in head:
         raise Unsupported("binary file (NUL bytes), skipped")
@@ -101,6 +101,16 @@ def text_encoding(path: Path, named: str | None = None, declared: str | None = N
     if guess is None:
         raise Unsupported("not text: no encoding fits (if it is text, name its encoding with --encoding), skipped")
     return TextEncoding(guess, "replace")
+
+
+def _fits_utf32(head: bytes, size: int) -> bool:
+    """Whether a file that starts FF FE 00 00 reads as UTF-32: UTF-16 text whose first character
+    is NUL starts with the same four bytes."""
+    try:
+        head[:len(head) // 4 * 4].decode("utf-32")
+    except UnicodeDecodeError:
+        return False
+    return size % 4 == 0
 
 
 def _is_utf8(path: Path) -> bool:
