@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 from sqlalchemy import Connection, bindparam, text
 
@@ -16,6 +17,7 @@ WORD = re.compile(r"\w+", re.UNICODE)
 MAX_TERMS = 64
 PG_DF_CAP = 20_000  # PostgreSQL: document frequency is counted up to this many chunks per term
 COMMON_DF = 5_000  # SQLite: a term in this many chunks is common (see _rare_terms)
+RARE_COUNT = 20  # a query word in at most this many chunks is rare (see rare_words)
 RRF_K = 60
 # Weighted fusion with this dense weight beat RRF on both benchmarks (bench/retrieval.py):
 # newwiki hit@4 0.925 vs 0.907, needle chunk at rank 1 for 98% vs 44% of needles.
@@ -46,21 +48,82 @@ def query_terms(query: str, phrases: bool = True) -> list[str]:
     return (content + list(dict.fromkeys(pairs)))[:MAX_TERMS]
 
 
-def search(conn: Connection, query: str, k: int, document_ids: list[int] | None = None,
+@dataclass
+class LexicalQuery:
+    """A query reduced to its terms, with how many chunks hold each (counted up to a cap)."""
+
+    terms: list[str]
+    counts: dict[str, int]
+    total: int  # chunks in the store (PostgreSQL's idf weights); 0 on SQLite, whose bm25 has its own
+
+
+def prepare(conn: Connection, query: str, phrases: bool = True) -> LexicalQuery:
+    terms = query_terms(query, phrases)
+    if conn.dialect.name == "sqlite":
+        counts = {t: _count(conn, _fts_match([t]), COMMON_DF) for t in terms}
+        return LexicalQuery(terms, counts, 0)
+    counts = {t: conn.execute(text(f"SELECT count(*) FROM (SELECT 1 FROM chunks WHERE {_PG_TERM.format(0)} "
+                                   f"LIMIT {PG_DF_CAP}) s"), {"t0": t}).scalar_one() for t in terms}
+    total = conn.execute(text("SELECT count(*) FROM chunks")).scalar_one() if any(counts.values()) else 0
+    return LexicalQuery(terms, counts, total)
+
+
+def search(conn: Connection, query: str | LexicalQuery, k: int, document_ids: list[int] | None = None,
            phrases: bool = True) -> list[tuple[int, float]]:
     """Top-k (chunk id, score) by lexical relevance, higher is better."""
-    terms = query_terms(query, phrases)
-    if not terms or (document_ids is not None and not document_ids):
+    q = query if isinstance(query, LexicalQuery) else prepare(conn, query, phrases)
+    if not any(q.counts.values()) or (document_ids is not None and not document_ids):
         return []
     if conn.dialect.name == "sqlite":
-        return _search_sqlite(conn, terms, k, document_ids)
-    return _search_postgres(conn, terms, k, document_ids)
+        return _search_sqlite(conn, q, k, document_ids)
+    return _search_postgres(conn, q, k, document_ids)
 
 
-def _search_sqlite(conn, terms, k, document_ids):
-    params = {"match": _fts_match(terms), "k": k}
+def scores(conn: Connection, q: LexicalQuery, ids: list[int]) -> dict[int, float]:
+    """The lexical score of each of these chunks, as `search` would give it; 0 where no term matches."""
+    out = dict.fromkeys(ids, 0.0)
+    if not ids or not any(q.counts.values()):
+        return out
+    if conn.dialect.name == "sqlite":
+        sql = text("SELECT rowid, bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH :match AND rowid IN :ids")
+        rows = conn.execute(sql.bindparams(bindparam("ids", expanding=True)), {"match": _fts_match(q.terms), "ids": ids})
+        out.update((int(i), -float(s)) for i, s in rows)
+        return out
+    score, where, params = _pg_score(q)
+    sql = text(f"SELECT id, {score} FROM chunks WHERE id IN :ids AND {where}")
+    out.update((int(i), float(s)) for i, s in conn.execute(sql.bindparams(bindparam("ids", expanding=True)),
+                                                             {**params, "ids": ids}))
+    return out
+
+
+def rare_words(q: LexicalQuery) -> list[str]:
+    """The query's single words found in at least one and at most RARE_COUNT chunks: names, codes, rare nouns."""
+    return [t for t in q.terms if " " not in t and 0 < q.counts.get(t, 0) <= RARE_COUNT]
+
+
+def holding_all(conn: Connection, terms: list[str], ids: list[int]) -> set[int]:
+    """Those of `ids` whose chunk holds every one of `terms` (as the lexical index reads them: stemmed)."""
+    if not terms or not ids:
+        return set()
+    if conn.dialect.name == "sqlite":
+        sql = text("SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH :all AND rowid IN :ids")
+        params = {"all": " AND ".join('"' + t.replace('"', '""') + '"' for t in terms), "ids": ids}
+    else:
+        sql = text("SELECT id FROM chunks WHERE id IN :ids AND "
+                   + " AND ".join(_PG_TERM.format(i) for i in range(len(terms))))
+        params = {"ids": ids, **{f"t{i}": t for i, t in enumerate(terms)}}
+    return {int(i) for i in conn.execute(sql.bindparams(bindparam("ids", expanding=True)), params).scalars()}
+
+
+def _count(conn, match: str, cap: int) -> int:
+    sql = text("SELECT count(*) FROM (SELECT 1 FROM chunks_fts WHERE chunks_fts MATCH :t LIMIT :cap)")
+    return conn.execute(sql, {"t": match, "cap": cap}).scalar_one()
+
+
+def _search_sqlite(conn, q: LexicalQuery, k, document_ids):
+    params = {"match": _fts_match(q.terms), "k": k}
     where = ""
-    rare = _rare_terms(conn, terms)
+    rare = _rare_terms(q)
     if rare:  # rank only the chunks that hold a rare term (bm25 still sums over every term)
         where += " AND +f.rowid IN (SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH :rare)"
         params["rare"] = _fts_match(rare)
@@ -80,7 +143,7 @@ def _fts_match(terms: list[str]) -> str:
     return " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
 
 
-def _rare_terms(conn, terms: list[str]) -> list[str] | None:
+def _rare_terms(q: LexicalQuery) -> list[str] | None:
     """The terms found in fewer than COMMON_DF chunks, or None when no term is that common (or all are).
 
     bm25 costs about a microsecond per matching chunk, and a common word matches tens of thousands
@@ -88,33 +151,33 @@ def _rare_terms(conn, terms: list[str]) -> list[str] | None:
     the top k, so only chunks holding one are ranked (bench/retrieval.py: on 100k chunks, lexical
     p50 15.7 ms instead of 22.4, same hit@k on 500 questions).
     """
-    count = text("SELECT count(*) FROM (SELECT 1 FROM chunks_fts WHERE chunks_fts MATCH :t LIMIT :cap)")
-    rare = [t for t in terms if conn.execute(count, {"t": _fts_match([t]), "cap": COMMON_DF}).scalar_one() < COMMON_DF]
-    return rare if 0 < len(rare) < len(terms) else None
+    rare = [t for t in q.terms if q.counts[t] < COMMON_DF]
+    return rare if 0 < len(rare) < len(q.terms) else None
 
 
-def _search_postgres(conn, terms, k, document_ids):
-    """BM25-like: sum over query terms of idf(term) * ts_rank(tsv, term), length-normalized."""
-    n = conn.execute(text("SELECT count(*) FROM chunks")).scalar_one() or 1
-    weights, params = [], {}
-    for i, term in enumerate(terms):
-        params[f"t{i}"] = term
-        df = conn.execute(text(
-            f"SELECT count(*) FROM (SELECT 1 FROM chunks WHERE tsv @@ phraseto_tsquery('english', :t) "
-            f"LIMIT {PG_DF_CAP}) s"), {"t": term}).scalar_one()
-        if df:
-            weights.append((i, math.log(1 + (n - df + 0.5) / (df + 0.5))))
-    if not weights:
-        return []
+_PG_TERM = "tsv @@ phraseto_tsquery('english', :t{})"
+
+
+def _pg_score(q: LexicalQuery) -> tuple[str, str, dict]:
+    """BM25-like: sum over query terms of idf(term) * ts_rank(tsv, term), length-normalized;
+    the score expression, the match condition and their parameters."""
+    n = q.total or 1
+    weights = [(i, math.log(1 + (n - q.counts[t] + 0.5) / (q.counts[t] + 0.5)))
+               for i, t in enumerate(q.terms) if q.counts[t]]
     any_term = " || ".join(f"phraseto_tsquery('english', :t{i})" for i, _ in weights)
     score = " + ".join(f"{w:.6f} * ts_rank(tsv, phraseto_tsquery('english', :t{i}), 1)" for i, w in weights)
-    where = "AND document_id IN :doc_ids" if document_ids is not None else ""
-    sql = text(f"SELECT id, {score} AS s FROM chunks WHERE tsv @@ ({any_term}) {where} ORDER BY s DESC LIMIT :k")
-    params["k"] = k
+    return score, f"tsv @@ ({any_term})", {f"t{i}": q.terms[i] for i, _ in weights}
+
+
+def _search_postgres(conn, q: LexicalQuery, k, document_ids):
+    score, where, params = _pg_score(q)
     if document_ids is not None:
+        where += " AND document_id IN :doc_ids"
         params["doc_ids"] = document_ids
+    sql = text(f"SELECT id, {score} AS s FROM chunks WHERE {where} ORDER BY s DESC LIMIT :k")
+    if document_ids is not None:
         sql = sql.bindparams(bindparam("doc_ids", expanding=True))
-    return [(int(i), float(s)) for i, s in conn.execute(sql, params)]
+    return [(int(i), float(s)) for i, s in conn.execute(sql, {**params, "k": k})]
 
 
 def integrity_error(conn: Connection) -> str | None:
@@ -156,6 +219,40 @@ def weighted_fusion(dense: list[tuple[int, float]], lexical: list[tuple[int, flo
     d, lx = normalized(dense), normalized(lexical)
     fused = {i: alpha * d.get(i, 0.0) + (1 - alpha) * lx.get(i, 0.0) for i in d.keys() | lx.keys()}
     return sorted(fused.items(), key=lambda kv: -kv[1])
+
+
+def full_score_fusion(dense: dict[int, float], lexical: dict[int, float],
+                      alpha: float = DEFAULT_ALPHA) -> list[tuple[int, float]]:
+    """alpha * min-max-normalized dense score + (1 - alpha) * lexical score / its maximum, over
+    candidates that both sides have scored (every candidate of either side, see MemoryStore).
+
+    A candidate that one side did not rank still gets that side's real score, so a chunk that is
+    "generally relevant" on both sides no longer beats an exact match that one side missed.
+    Dividing the lexical score by its maximum keeps a chunk without any query term at 0.
+    """
+    if not dense and not lexical:
+        return []
+    lo, hi = min(dense.values(), default=0.0), max(dense.values(), default=0.0)
+    top = max(max(lexical.values(), default=0.0), 0.0) or 1.0
+
+    def score(i):  # a chunk deleted since the search has no vector: the lowest dense score
+        d = (dense.get(i, lo) - lo) / (hi - lo) if hi > lo else 1.0
+        return alpha * d + (1 - alpha) * max(lexical.get(i, 0.0), 0.0) / top
+
+    fused = {i: score(i) for i in dense.keys() | lexical.keys()}
+    return sorted(fused.items(), key=lambda kv: -kv[1])
+
+
+def exact_match_first(ranked: list[tuple[int, float]], holders: set[int]) -> list[tuple[int, float]]:
+    """`ranked` with the one candidate that holds every rare word of the query (see rare_words)
+    moved first: an exact match on names and codes is not outvoted by chunks that are generally
+    relevant on both sides. With several holders (or none) fusion alone decides."""
+    if len(holders) != 1 or not ranked:
+        return ranked
+    (only,) = holders
+    if ranked[0][0] == only:
+        return ranked
+    return [(only, ranked[0][1])] + [(i, s) for i, s in ranked if i != only]
 
 
 def rerank_fusion(rerank: list[tuple[int, float]], lexical: list[tuple[int, float]],

@@ -95,6 +95,25 @@ class Candidates:
 
 
 @dataclass
+class HybridScores:
+    """Every candidate of either side of a hybrid search, scored by both sides."""
+
+    dense_top: list[tuple[int, float]]  # each side's own ranking
+    lexical_top: list[tuple[int, float]]
+    dense: dict[int, float]  # chunk id -> score, for every candidate
+    lexical: dict[int, float]
+    rare: list[str]  # the query's rare words (lexical.rare_words)
+    holders: set[int]  # the candidates that hold every rare word
+
+    def fused(self, fusion: str = "full") -> list[tuple[int, float]]:
+        if fusion == "weighted":  # each side's scores over its own candidates only
+            return lexical.weighted_fusion(self.dense_top, self.lexical_top)
+        if fusion == "rrf":
+            return lexical.reciprocal_rank_fusion(self.dense_top, self.lexical_top)
+        return lexical.exact_match_first(lexical.full_score_fusion(self.dense, self.lexical), self.holders)
+
+
+@dataclass
 class _Changes:
     """What one write transaction did to the vectors, applied to FAISS after commit."""
 
@@ -418,7 +437,7 @@ class MemoryStore:
     # ---- reading -------------------------------------------------------------------------
 
     def search(self, vector: np.ndarray | None = None, k: int = 10, filters: dict | None = None, *,
-               query: str | None = None, mode: str | None = None, fusion: str = "weighted") -> list[Hit]:
+               query: str | None = None, mode: str | None = None, fusion: str = "full") -> list[Hit]:
         """Top-k chunks for a query vector (dense), query text (lexical) or both (hybrid, fused).
 
         `mode` defaults to hybrid when both are given. `filters` restrict both sides before
@@ -427,7 +446,7 @@ class MemoryStore:
         return self.hits(self.candidates(vector, k, filters, query=query, mode=mode, fusion=fusion).ranked[:k])
 
     def candidates(self, vector: np.ndarray | Callable[[], np.ndarray] | None, k: int, filters: dict | None = None,
-                   *, query: str | None = None, mode: str | None = None, fusion: str = "weighted") -> Candidates:
+                   *, query: str | None = None, mode: str | None = None, fusion: str = "full") -> Candidates:
         """The ranking that `search` cuts to its top k (at least k long when the store has k chunks).
 
         `vector` may be a function that computes it (embeds the query): a hybrid search then runs
@@ -446,20 +465,35 @@ class MemoryStore:
         doc_ids = self.document_ids_matching(filters) if filters else None
         if doc_ids is not None and not doc_ids:
             return Candidates([], [])
-        n = max(HYBRID_CANDIDATES, 2 * k) if mode == "hybrid" else k
-        pending = self._worker().submit(self._lexical, query, n, doc_ids) if mode == "hybrid" else None
+        if mode == "hybrid":
+            scored = self.hybrid_scores(vector, query, max(HYBRID_CANDIDATES, 2 * k), doc_ids)
+            return Candidates(scored.fused(fusion), scored.lexical_top)
+        if mode == "lexical":
+            found = self._lexical(query, k, doc_ids)[1]
+            return Candidates(found, found)
+        return Candidates(self._dense(vector() if callable(vector) else vector, k, doc_ids), [])
+
+    def hybrid_scores(self, vector: np.ndarray | Callable[[], np.ndarray], query: str, n: int,
+                      doc_ids: list[int] | None = None) -> HybridScores:
+        """The top n of each side, then each side's score for the other side's candidates: the
+        dense score from the stored vector, the lexical score from the full-text index."""
+        pending = self._worker().submit(self._lexical, query, n, doc_ids)
         try:
             if callable(vector):
                 vector = vector()
-            dense = self._dense(vector, n, doc_ids) if mode != "lexical" else []
+            vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+            dense_top = self._dense(vector, n, doc_ids)
         finally:  # wait for the lexical query even when the dense side failed
-            lexical_hits = pending.result() if pending else []
-        if mode == "lexical":
-            lexical_hits = self._lexical(query, n, doc_ids)
-        if mode == "hybrid":
-            fuse = {"rrf": lexical.reciprocal_rank_fusion, "weighted": lexical.weighted_fusion}[fusion]
-            return Candidates(fuse(dense, lexical_hits), lexical_hits)
-        return Candidates(dense or lexical_hits, lexical_hits)
+            prepared, lexical_top = pending.result()
+        dense, lex = dict(dense_top), dict(lexical_top)
+        with self.engine.connect() as conn:
+            lex.update(lexical.scores(conn, prepared, [i for i in dense if i not in lex]))
+            only_lexical = np.asarray([i for i in lex if i not in dense], dtype=np.int64)
+            for ids, vectors in self._vectors_for(conn, only_lexical):
+                dense.update(zip(ids.tolist(), (vectors @ vector).tolist()))
+            rare = lexical.rare_words(prepared)
+            holders = lexical.holding_all(conn, rare, list(lex)) if rare else set()
+        return HybridScores(dense_top, lexical_top, dense, lex, rare, holders)
 
     def _dense(self, vector: np.ndarray, k: int, doc_ids: list[int] | None) -> list[tuple[int, float]]:
         if self.index_error is not None:
@@ -481,9 +515,10 @@ class MemoryStore:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memstore-lexical")
         return self._executor
 
-    def _lexical(self, query: str, k: int, doc_ids: list[int] | None) -> list[tuple[int, float]]:
+    def _lexical(self, query: str, k: int, doc_ids: list[int] | None) -> tuple[lexical.LexicalQuery, list[tuple[int, float]]]:
         with self.engine.connect() as conn:
-            return lexical.search(conn, query, k, doc_ids)
+            prepared = lexical.prepare(conn, query)
+            return prepared, lexical.search(conn, prepared, k, doc_ids)
 
     def _exact_scores(self, vector: np.ndarray, allowed: np.ndarray, k: int) -> list[tuple[int, float]]:
         ids, scores = [], []

@@ -1,10 +1,12 @@
 """Lexical search inside the database (FTS5 / tsvector) and hybrid fusion, on SQLite and PostgreSQL."""
+import numpy as np
 import pytest
 from alembic import command
 from sqlalchemy import text
 
 from conftest import unit_vectors
 from memstore import db
+from memstore import store as store_module
 from memstore.store import ChunkIn, DocumentIn, MemoryStore
 
 DIM = 16
@@ -163,3 +165,88 @@ def test_check_notices_a_damaged_lexical_index_and_repair_rebuilds_it(tmp_path):
         store.repair()
         assert store.check()["consistent"]
         assert store.search(query="committee budget", k=1, mode="lexical")[0].ordinal == 0
+
+
+# ---- hybrid fusion over full scores -------------------------------------------------------------
+
+def _near(vector, seed, noise=0.3):
+    v = vector + noise * unit_vectors(1, DIM, seed)[0]
+    return v / np.linalg.norm(v)
+
+
+@pytest.fixture
+def lock_store(store_target, monkeypatch):
+    """A needle ("Ingrid Vasquez ... bicycle lock code") among chunks that are generally relevant on both
+    sides: a guide about bicycle lock codes whose vectors sit next to the query's. With 3 candidates
+    per side, this 22-chunk store acts like a large one whose needle chunk the dense side misses."""
+    monkeypatch.setattr(store_module, "HYBRID_CANDIDATES", 3)
+    target, data_dir = store_target
+    s = MemoryStore(target, data_dir=data_dir)
+    s.require_embedder("test", DIM)
+    for i in range(6):
+        add(s, f"filler{i}.txt", FILLER[:3], seed=i)
+    guide = ["Ingrid asked about the bicycle lock: a bicycle lock code is set on the lock itself, and the code "
+             "of a bicycle lock can be changed.", "A lock code for a bicycle: change the lock code of the bicycle lock often."]
+    add_with(s, "guide.txt", guide, [_near(QUERY_VECTOR, 1), _near(QUERY_VECTOR, 2)])
+    add_with(s, "codes.txt", ["Error code 42 means the code was rejected."], unit_vectors(1, DIM, 50))
+    add_with(s, "needle.txt", ["Ingrid Vasquez noted her bicycle lock code, 4821, on a card kept in the shed "
+                               "with the gardening tools and the old paint."], unit_vectors(1, DIM, 77))
+    yield s
+    s.close()
+
+
+QUERY_VECTOR = unit_vectors(1, DIM, 999)[0]
+LOCK_QUESTION = "What is Ingrid Vasquez's bicycle lock code?"
+
+
+def add_with(store, source, texts, vectors):
+    chunks = [ChunkIn(i, i * 300, i * 300 + len(t), t, 20) for i, t in enumerate(texts)]
+    store.add_document(DocumentIn(source, f"h{source}", 1, 1.0, 300 * len(texts)), chunks,
+                       np.asarray(vectors, dtype=np.float32))
+
+
+def test_every_candidate_is_scored_by_both_sides(lock_store):
+    from memstore import lexical
+
+    scored = lock_store.hybrid_scores(QUERY_VECTOR, LOCK_QUESTION, 3)
+    assert len(scored.dense_top) == len(scored.lexical_top) == 3
+    assert set(scored.dense) == set(scored.lexical) == {i for i, _ in scored.dense_top + scored.lexical_top}
+    everything = lock_store.stats()["chunks"]
+    dense_all = dict(lock_store._dense(QUERY_VECTOR, everything, None))
+    with lock_store.engine.connect() as conn:
+        lexical_all = dict(lexical.search(conn, LOCK_QUESTION, everything))
+    for i in scored.dense:  # the score each side gives in a ranking of the whole store
+        assert scored.dense[i] == pytest.approx(dense_all[i], abs=1e-5)
+        assert scored.lexical[i] == pytest.approx(lexical_all.get(i, 0.0), rel=1e-6)
+    (needle,) = scored.holders
+    assert needle not in dict(scored.dense_top) and scored.dense[needle] < min(s for _, s in scored.dense_top)
+
+
+def test_an_exact_match_is_not_outvoted_by_generally_relevant_chunks(lock_store):
+    """The dense side misses the needle, and chunks relevant on both sides win every fusion of
+    scores (on SQLite lexical search alone ranks the needle first, on PostgreSQL third: ts_rank
+    counts the guide's repeated words); only the needle holds all the rare words."""
+    def top(fusion):
+        return lock_store.search(QUERY_VECTOR, k=3, query=LOCK_QUESTION, mode="hybrid", fusion=fusion)[0].source
+
+    assert "needle.txt" in [h.source for h in lock_store.search(query=LOCK_QUESTION, k=3, mode="lexical")]
+    assert top("weighted") == top("rrf") == "guide.txt"  # the failure this guards against
+    scored = lock_store.hybrid_scores(QUERY_VECTOR, LOCK_QUESTION, 3)
+    assert lock_store.get_chunks([lexical_full(scored)[0][0]])[0]["text"].startswith("Ingrid asked")
+    assert top("full") == "needle.txt"
+    hits = lock_store.search(QUERY_VECTOR, k=3, query=LOCK_QUESTION)
+    assert hits[0].source == "needle.txt" and "4821" in hits[0].text
+    assert [h.source for h in hits[1:]] == ["guide.txt", "guide.txt"]  # the rest keep their fused order
+
+
+def test_the_exact_match_rule_needs_a_single_holder_of_the_rare_words(lock_store):
+    add_with(lock_store, "other.txt", ["Ingrid Vasquez sold her old bicycle lock, code and all."], unit_vectors(1, DIM, 78))
+    scored = lock_store.hybrid_scores(QUERY_VECTOR, LOCK_QUESTION, 10)
+    assert len(scored.holders) == 2  # two chunks hold every rare word: fusion alone decides
+    assert scored.fused("full") == lexical_full(scored)
+
+
+def lexical_full(scored):
+    from memstore import lexical
+
+    return lexical.full_score_fusion(scored.dense, scored.lexical)
