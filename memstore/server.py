@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ingest.embed import EmbedderNotFound
 from memstore.api import Memory
 from memstore.errors import MemstoreError
+from memstore.openai_api import add_openai_routes
 
 log = logging.getLogger("memstore.server")
 
@@ -214,11 +215,23 @@ def create_app(memory: Memory, *, default_model: str | None = None, models: list
             text = memory.store.document_text(document_id)
         return document_page(info, text, start, end)
 
+    add_openai_routes(app, memory, lock, allowed, default_model, answer_json,
+                      AskRequest.model_fields["max_new_tokens"].default)
+
     @app.get("/examples", include_in_schema=False)
     def example_questions() -> dict:
         return {"title": title, "examples": examples or []}
 
     return app
+
+
+def error_response(request: Request, message: str, status: int) -> JSONResponse:
+    """{"error": message}; under /v1/ the OpenAI shape, {"error": {"message": ..., "type": ...}},
+    which OpenAI clients read their error message from."""
+    if request.url.path.startswith("/v1/"):
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+    return JSONResponse({"error": message}, status_code=status)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -228,30 +241,29 @@ def install_error_handlers(app: FastAPI) -> None:
     async def limit_body(request: Request, call_next):
         size = request.headers.get("content-length")
         if size and size.isdigit() and int(size) > MAX_BODY_BYTES:
-            return JSONResponse({"error": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
+            return error_response(request, f"request body over {MAX_BODY_BYTES} bytes", 413)
         return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         problems = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors()]
-        return JSONResponse({"error": "invalid request: " + "; ".join(problems)}, status_code=422)
+        return error_response(request, "invalid request: " + "; ".join(problems), 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+        return error_response(request, str(exc.detail), exc.status_code)
 
     @app.exception_handler(MemstoreError)
     @app.exception_handler(EmbedderNotFound)
     @app.exception_handler(ValueError)
     async def user_error(request: Request, exc: Exception):
         status = 404 if str(exc).startswith("no document with id") else 400
-        return JSONResponse({"error": str(exc)}, status_code=status)
+        return error_response(request, str(exc), status)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-        return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server log"},
-                            status_code=500)
+        return error_response(request, f"internal error ({type(exc).__name__}); see the server log", 500)
 
 
 def view_url(document_id: int, start: int, end: int) -> str:

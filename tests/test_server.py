@@ -203,3 +203,53 @@ def test_page_shows_markup_in_documents_as_text(server, browser_page):
     href = page.locator(".panel .sources li", has_text="widget.md").locator("a").get_attribute("href")
     page.goto(server + href)
     assert "<script>" in page.inner_text("body") and page.evaluate("window.pwned") is None
+
+
+# ---- the OpenAI-compatible endpoint, driven by the official client --------------------------------
+
+@pytest.fixture
+def openai_client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server + "/v1", api_key="not-needed", max_retries=0, timeout=300)
+
+
+def test_openai_client_lists_models_and_gets_an_answer_with_sources(server, openai_client):
+    ids = [m.id for m in openai_client.models.list()]
+    _, models = request(server, "/models")
+    assert ids[:2] == [models["default"], models["default"] + ":rag"]
+    done = openai_client.chat.completions.create(
+        model=ids[1], messages=[{"role": "system", "content": "Be brief."},
+                                {"role": "user", "content": "What does the VACUUM INTO command do?"}],
+        max_tokens=24, extra_body={"k": 3})
+    assert done.object == "chat.completion" and done.model == ids[1]
+    assert done.choices[0].message.content.strip() and done.choices[0].finish_reason in ("stop", "length")
+    sources = done.model_extra["sources"]
+    assert len(sources) == 3 and any(s["source"].endswith("lang_vacuum.html") for s in sources)
+    assert done.model_extra["memstore"]["mode"] == "rag"
+    assert done.model_extra["memstore"]["timings"]["tokens"] <= 24
+
+
+def test_openai_client_streams_an_answer_that_adds_up(openai_client):
+    stream = openai_client.chat.completions.create(
+        model=openai_client.models.list().data[0].id, stream=True,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "How large can a string or BLOB be?"}]}])
+    chunks = list(stream)
+    pieces = [c.choices[0].delta.content or "" for c in chunks]
+    last = chunks[-1]
+    assert chunks[0].choices[0].delta.role == "assistant" and len([p for p in pieces if p]) > 1
+    assert last.choices[0].finish_reason in ("stop", "length")
+    assert last.model_extra["memstore"]["mode"] == "memory"
+    assert any(s["source"].endswith("limits.html") for s in last.model_extra["sources"])
+    assert "".join(pieces).strip() and all(c.id == last.id for c in chunks)
+
+
+def test_openai_client_gets_clear_errors(openai_client):
+    import openai
+
+    with pytest.raises(openai.NotFoundError, match="unknown model"):
+        openai_client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    model = openai_client.models.list().data[0].id
+    with pytest.raises(openai.BadRequestError, match="no user message"):
+        openai_client.chat.completions.create(model=model, messages=[{"role": "system", "content": "hi"}])
+    with pytest.raises(openai.UnprocessableEntityError):
+        openai_client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], n=2)
