@@ -318,6 +318,26 @@ def serve(store, data_dir, host, port, model):
 
 
 @main.command()
+@store_option
+@data_dir_option
+@model_option
+@friendly_errors
+def mcp(store, data_dir, model):
+    """Serve a store to MCP clients (agents, editors) over stdio.
+
+    Tools: `search` (passages with document, char span and score) and `ask` (an answer with its
+    sources); resources: every document, as memstore://documents/{id}. Configure your client to
+    launch `memstore mcp --store PATH`; this command then speaks MCP on stdin/stdout.
+    """
+    try:
+        from memstore.mcp_server import build_server
+    except ImportError as e:
+        raise click.ClickException(f"{e}; install the MCP SDK: pip install 'memstore[mcp]'") from None
+    with open_memory(store, data_dir) as mem:
+        build_server(mem, model).run("stdio")
+
+
+@main.command()
 @click.option("--store", default=None, help="Where the demo store lives (default: ~/.cache/memstore/demo/CORPUS).")
 @click.option("--corpus", type=click.Path(exists=True, file_okay=False), default=None,
               help="Use this directory of documents instead of the SQLite manual.")
