@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,8 +151,11 @@ def _progress(total: int, enabled: bool | None):
 
 class Ingestor:
     def __init__(self, store: MemoryStore, embedder: Embedder, chunker: ChunkerConfig | None = None,
-                 meta: dict | None = None, progress: bool | None = None, encoding: str | None = None):
+                 meta: dict | None = None, progress: bool | None = None, encoding: str | None = None,
+                 on_commit: Callable[[int, int], None] | None = None):
+        """on_commit(files done, files in all) is called whenever every file so far is committed."""
         self.store = store
+        self.on_commit = on_commit
         self.embedder = embedder
         self.config = (chunker or ChunkerConfig()).validate(embedder.max_tokens)
         self.meta = meta or {}
@@ -185,7 +188,11 @@ class Ingestor:
                 bar.update(1)
                 bar.set_postfix(chunks=summary.chunks_added,
                                 rate=f"{summary.chunks_added / max(1e-9, time.perf_counter() - started):.0f} chunks/s")
+                if self.on_commit and not self._pending:
+                    self.on_commit(summary.files_seen, len(files))
             self._flush()
+            if self.on_commit:
+                self.on_commit(len(files), len(files))
             if prune:
                 self._prune(paths, set(map(source_name, files)) | {p["path"] for p in failed + skipped})
             store.set_setting("chunker", self._chunker_signature())

@@ -79,16 +79,18 @@ class Memory:
 
     def ingest(self, paths: str | Path | Iterable[str | Path], *, glob: str | None = None,
                chunk_size: int = 200, overlap: int = 32, prune: bool = False,
-               meta: dict | None = None, progress: bool | None = False, encoding: str | None = None) -> dict:
+               meta: dict | None = None, progress: bool | None = False, encoding: str | None = None,
+               on_commit: Callable[[int, int], None] | None = None) -> dict:
         """Ingest files and directories; returns the run summary (files, chunks, seconds, failures).
 
         A file that cannot be read is listed under "failed" (or "skipped" when it is not a kind
         memstore reads) and the run goes on. `encoding` names the encoding of every text file;
-        by default each one's is read from its byte-order mark, else UTF-8, else guessed."""
+        by default each one's is read from its byte-order mark, else UTF-8, else guessed.
+        `on_commit(files done, files in all)` is called whenever every file so far is searchable."""
         if isinstance(paths, (str, Path)):
             paths = [paths]
         ingestor = Ingestor(self.store, self.embedder, ChunkerConfig(chunk_size, overlap), meta=meta,
-                            progress=progress, encoding=encoding)
+                            progress=progress, encoding=encoding, on_commit=on_commit)
         return ingestor.run(paths, glob=glob, prune=prune).to_dict()
 
     def add_text(self, text: str, *, source: str | None = None, title: str | None = None,

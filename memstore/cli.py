@@ -11,6 +11,8 @@ import click
 
 from memstore.errors import MemstoreError
 
+log = logging.getLogger("memstore.cli")
+
 DEFAULT_STORE = ".memstore"
 
 
@@ -366,14 +368,55 @@ def demo(store, corpus, no_fetch, build_only, host, port, model):
     say(f"corpus: {found.note}\nstore: {store}")
     if not build_only:
         check_port_free(host, port)
+    if build_only:
+        with open_memory(store, None, create=True) as mem:
+            print_ingest_summary(mem.ingest(found.files, progress=sys.stderr.isatty()))
+        return
+    title = "memstore · ask the SQLite manual" if found.name.startswith("sqlite") else f"memstore · {found.name}"
+    examples = demomod.EXAMPLE_QUESTIONS if found.name.startswith("sqlite") else []
+    serve_while_building(store, found.files, host, port, model, title=title, examples=examples)
+
+
+def serve_while_building(store: str, files: list, host: str, port: int, model: str | None, **app_options) -> None:
+    """Serve at once; ingest `files` and load the model in the background. Pages are searchable
+    as they are committed, answers wait for the model, and /stats (the page) says how far both are."""
+    import threading
+
+    import uvicorn
+
+    from ingest.loaders import one_line
+    from memstore.server import Readiness, create_app
+    from model.backbone import DEFAULT_MODEL
+
+    say = functools.partial(click.echo, err=True)
+    readiness = Readiness(model or DEFAULT_MODEL)
+
+    def build() -> None:
+        try:  # a second handle: its commits reach the server's through the store's generation check
+            with open_memory(store, None) as writer:
+                summary = writer.ingest(files, on_commit=readiness.ingest_progress)
+            print_ingest_summary(summary)
+            readiness.ingest_finished("done" if not summary["files_failed"] else f"done, {summary['files_failed']} failed")
+        except Exception as e:  # noqa: BLE001 - the server goes on with what was committed
+            log.exception("building the store failed")
+            readiness.ingest_finished(f"stopped: {one_line(e)}")
+
+    def load(mem) -> None:
+        try:
+            readiness.model = mem.load_model(model)
+            say(f"model {readiness.model} ready")
+            readiness.model_loaded()
+        except Exception as e:  # noqa: BLE001 - answers then say why they cannot be given
+            log.exception("loading the model failed")
+            readiness.model_loaded(f"failed: {one_line(e)}")
+
     with open_memory(store, None, create=True) as mem:
-        summary = mem.ingest(found.files, progress=sys.stderr.isatty())
-        print_ingest_summary(summary)
-        if build_only:
-            return
-        title = "memstore · ask the SQLite manual" if found.name.startswith("sqlite") else f"memstore · {found.name}"
-        examples = demomod.EXAMPLE_QUESTIONS if found.name.startswith("sqlite") else []
-        run_server(mem, host, port, model, title=title, examples=examples)
+        threading.Thread(target=build, name="demo-ingest", daemon=True).start()
+        threading.Thread(target=load, args=(mem,), name="demo-model", daemon=True).start()
+        app = create_app(mem, default_model=readiness.model, warm_kv=True, readiness=readiness, **app_options)
+        say(f"serving on http://{host}:{port} while the store is built and the model loads "
+            f"(API docs: http://{host}:{port}/docs; Ctrl-C stops)")
+        uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 def check_port_free(host: str, port: int) -> None:

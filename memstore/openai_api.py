@@ -68,7 +68,7 @@ def question_of(messages: list[Message]) -> str:
 
 
 def add_openai_routes(app: FastAPI, memory, lock: threading.Lock, models: list[str], default_model: str,
-                      answer_json: Callable, default_max_new_tokens: int) -> None:
+                      answer_json: Callable, default_max_new_tokens: int, model_ready: Callable[[], None]) -> None:
     """Mount /v1/models and /v1/chat/completions on `app`; `lock` is the server's model lock."""
 
     def model_and_mode(model_id: str) -> tuple[str, str]:
@@ -88,6 +88,7 @@ def add_openai_routes(app: FastAPI, memory, lock: threading.Lock, models: list[s
     def chat(req: ChatRequest):
         name, mode = model_and_mode(req.model)
         question = question_of(req.messages)
+        model_ready()
         kwargs = dict(model=name, mode=mode, k=req.k, filters=req.filters,
                       max_new_tokens=req.max_completion_tokens or req.max_tokens or default_max_new_tokens)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"

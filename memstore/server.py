@@ -49,13 +49,54 @@ class AskRequest(BaseModel):
     filters: dict[str, str | int] | None = Field(None, description="path (glob), document_id or meta.KEY.")
 
 
+class Readiness:
+    """A server started before its store is built and its model loaded (`memstore demo`): what is
+    ready so far, for GET /stats and the page, and a wait for the model before answering."""
+
+    MODEL_WAIT_S = 180  # an answer waits this long for the model, then gets a 503 with Retry-After
+
+    def __init__(self, model: str):
+        self.model = model
+        self.model_state = "loading"
+        self.files_done, self.files_total = 0, None
+        self.ingest_state = "starting"
+        self.model_ready, self.all_ready = threading.Event(), threading.Event()
+
+    def ingest_progress(self, done: int, total: int) -> None:
+        self.files_done, self.files_total, self.ingest_state = done, total, "ingesting"
+
+    def ingest_finished(self, state: str = "done") -> None:
+        self.ingest_state = state
+        if self.model_ready.is_set():
+            self.all_ready.set()
+
+    def model_loaded(self, state: str = "ready") -> None:
+        self.model_state = state
+        self.model_ready.set()
+        if self.ingest_state != "ingesting" and self.ingest_state != "starting":
+            self.all_ready.set()
+
+    def status(self) -> dict:
+        return {"model": self.model, "model_state": self.model_state, "ingest_state": self.ingest_state,
+                "files_done": self.files_done, "files_total": self.files_total}
+
+    def wait_for_model(self) -> None:
+        if not self.model_ready.wait(self.MODEL_WAIT_S):
+            raise HTTPException(503, f"the model {self.model} is still loading; try again shortly",
+                                headers={"Retry-After": "30"})
+        if self.model_state != "ready":
+            raise HTTPException(503, f"the model {self.model} could not be loaded ({self.model_state})")
+
+
 class KVWarmer:
     """Encodes the store's KV memory for one model in the background, a small batch at a time,
     only while no request holds the lock: the first memory-mode answer about a chunk then finds
     its memory ready instead of encoding it (bench/results/speed.json: cold against warm)."""
 
-    def __init__(self, memory: Memory, model: str, lock: threading.Lock, questions: list[str], batch: int = 2):
+    def __init__(self, memory: Memory, model: str, lock: threading.Lock, questions: list[str], batch: int = 2,
+                 after: threading.Event | None = None):
         self.memory, self.model, self.lock, self.questions, self.batch = memory, model, lock, questions, batch
+        self.after = after  # start once this is set (the store built and the model loaded)
         self.warm = self.chunks = 0
         self.state = "starting"
         self._stop = threading.Event()
@@ -72,6 +113,9 @@ class KVWarmer:
         return {"model": self.model, "warm": self.warm, "chunks": self.chunks, "state": self.state}
 
     def _run(self) -> None:
+        while self.after is not None and not self.after.wait(0.5):
+            if self._stop.is_set():
+                return
         try:
             with self.lock:
                 todo = self.memory.kv_warmup_order(self.model, self.questions)
@@ -100,17 +144,25 @@ class KVWarmer:
 
 
 def create_app(memory: Memory, *, default_model: str | None = None, models: list[str] | None = None,
-               title: str = "memstore", examples: list[str] | None = None, warm_kv: bool = False) -> FastAPI:
+               title: str = "memstore", examples: list[str] | None = None, warm_kv: bool = False,
+               readiness: Readiness | None = None) -> FastAPI:
     """The app over `memory`. `models` lists what clients may ask for (presets by default).
 
     warm_kv: encode the default model's KV memory of every chunk in the background while idle
-    (the examples' chunks first); /stats then reports how much of it is warm."""
+    (the examples' chunks first); /stats then reports how much of it is warm.
+    readiness: the store is still being built and the model loaded (see Readiness); /stats says
+    how far, and answers wait for the model."""
     from model.backbone import DEFAULT_MODEL, PRESETS
 
     default_model = default_model or DEFAULT_MODEL
     allowed = list(dict.fromkeys([default_model, *(models or PRESETS)]))
     lock = threading.Lock()
-    warmer = KVWarmer(memory, default_model, lock, examples or []) if warm_kv else None
+    warmer = KVWarmer(memory, default_model, lock, examples or [],
+                      after=readiness.all_ready if readiness else None) if warm_kv else None
+
+    def model_ready() -> None:
+        if readiness:
+            readiness.wait_for_model()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -131,6 +183,7 @@ def create_app(memory: Memory, *, default_model: str | None = None, models: list
         return name
 
     def ask_kwargs(req: AskRequest) -> dict:
+        model_ready()
         return dict(model=check_model(req.model), mode=req.mode, k=req.k, max_new_tokens=req.max_new_tokens,
                     filters=req.filters)
 
@@ -191,6 +244,8 @@ def create_app(memory: Memory, *, default_model: str | None = None, models: list
     def stats() -> dict:
         with lock:
             stats = memory.stats()
+        if readiness:
+            stats["ready"] = readiness.status()
         return {**stats, "kv_memory": warmer.status()} if warmer else stats
 
     @app.get("/models", summary="Models this server can answer with")
@@ -216,7 +271,7 @@ def create_app(memory: Memory, *, default_model: str | None = None, models: list
         return document_page(info, text, start, end)
 
     add_openai_routes(app, memory, lock, allowed, default_model, answer_json,
-                      AskRequest.model_fields["max_new_tokens"].default)
+                      AskRequest.model_fields["max_new_tokens"].default, model_ready)
 
     @app.get("/examples", include_in_schema=False)
     def example_questions() -> dict:
@@ -251,7 +306,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return error_response(request, str(exc.detail), exc.status_code)
+        response = error_response(request, str(exc.detail), exc.status_code)
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(MemstoreError)
     @app.exception_handler(EmbedderNotFound)

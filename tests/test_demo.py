@@ -30,3 +30,47 @@ def test_without_fetch_and_without_a_manual_uses_the_bundled_pages(tmp_path, mon
     monkeypatch.setenv("MEMSTORE_CACHE", str(tmp_path))
     monkeypatch.setattr(demo, "SYSTEM_DOC", Path(tmp_path / "none"))
     assert demo.demo_corpus(fetch=False, say=lambda line: None).files == demo.bundled_pages()
+
+
+def test_demo_on_a_fresh_cache_serves_at_once_and_answers_within_90_seconds(tmp_path):
+    """`memstore demo` serves its page before the store is built and the model loaded (both run in
+    the background); /stats says how far they are, and an answer with sources comes within 90 s."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import SQLITE_DOC
+    from test_server import free_port, request
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MEMSTORE_CACHE": str(tmp_path / "cache")}
+    started = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "memstore.cli", "demo", "--corpus", str(SQLITE_DOC),
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        while True:
+            try:
+                status, stats = request(base, "/stats")
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() - started < 60, proc.stdout.read() if proc.poll() else "no page"
+                time.sleep(0.2)
+        page_s = time.time() - started
+        assert status == 200 and set(stats["ready"]) >= {"model_state", "ingest_state", "files_done", "files_total"}
+        status, answer = request(base, "/ask", {"question": "What does VACUUM INTO do?", "mode": "rag", "k": 3})
+        answer_s = time.time() - started
+        assert status == 200, answer
+        assert answer["text"].strip() and any(s["source"].endswith("lang_vacuum.html") for s in answer["sources"])
+        assert answer_s < 90, f"first answer after {answer_s:.0f} s"
+        deadline = time.time() + 60
+        while (ready := request(base, "/stats")[1]["ready"])["ingest_state"] != "done":
+            assert time.time() < deadline, ready
+            time.sleep(0.5)
+        assert ready["files_done"] == ready["files_total"] == 13 and ready["model_state"] == "ready"
+        print(json.dumps({"page_s": round(page_s, 1), "answer_s": round(answer_s, 1)}))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
