@@ -2,6 +2,7 @@
 
     python bench/ingest_bench.py                       # fetch sqlite3-doc into bench/data/, full run
     python bench/ingest_bench.py --corpus DIR --limit 50
+    python bench/ingest_bench.py --corpus DIR --limit 60 --peer   # and LlamaIndex's IngestionPipeline
 
 One run measures, on the same corpus and the same Embedder object:
 1. `memstore.open(tmp).ingest(corpus, glob="*.html")`: files/s, chunks/s, tokens/s, with the
@@ -192,6 +193,53 @@ def run_load_chunk(emb, files: list[Path], size: int, overlap: int) -> dict:
     }, per_file
 
 
+def run_peer(emb, files: list[Path], size: int, overlap: int) -> dict:
+    """LlamaIndex's IngestionPipeline on the same work: the same files' text (read by memstore's
+    loaders, timed apart, as LlamaIndex's core has no HTML reader), its SentenceSplitter at the
+    same chunk size and overlap in the same tokenizer's tokens, the same embedder object, batch 64,
+    nodes kept in its in-memory SimpleVectorStore (memstore writes SQLite + FAISS, durably)."""
+    from llama_index.core import Document
+    from llama_index.core.embeddings import BaseEmbedding
+    from llama_index.core.ingestion import IngestionPipeline
+    from llama_index.core.node_parser import SentenceSplitter
+    from llama_index.core.vector_stores import SimpleVectorStore
+
+    class SameEmbedder(BaseEmbedding):
+        def _get_query_embedding(self, query: str) -> list[float]:
+            return emb.encode([query])[0].tolist()
+
+        async def _aget_query_embedding(self, query: str) -> list[float]:
+            return self._get_query_embedding(query)
+
+        def _get_text_embedding(self, text: str) -> list[float]:
+            return emb.encode([text])[0].tolist()
+
+        def _get_text_embeddings(self, texts: list[str]) -> list[list[float]]:
+            return emb.encode(texts).tolist()
+
+    t = time.perf_counter()
+    docs = []
+    for path in files:
+        try:
+            docs.append(Document(text="".join(b.text for b in load(path).blocks), metadata={"source": str(path)}))
+        except LoadError:
+            continue
+    load_s = time.perf_counter() - t
+    tokenize = lambda text: emb.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    pipeline = IngestionPipeline(
+        transformations=[SentenceSplitter(chunk_size=size, chunk_overlap=overlap, tokenizer=tokenize),
+                         SameEmbedder(model_name=emb.name, embed_batch_size=emb.batch_size)],
+        vector_store=SimpleVectorStore())
+    t = time.perf_counter()
+    nodes = pipeline.run(documents=docs)
+    run_s = time.perf_counter() - t
+    tokens = sum(len(tokenize(n.get_content())) for n in nodes)
+    return {"library": "llama-index-core " + __import__("importlib.metadata").metadata.version("llama-index-core"),
+            "documents": len(docs), "nodes": len(nodes), "load_seconds_memstore_loaders": round(load_s, 3),
+            "pipeline_seconds": round(run_s, 3),
+            **{k: v for k, v in rates(load_s + run_s, len(docs), len(nodes), tokens).items()}}
+
+
 def run_raw(emb, texts: list[str], tokens: int, warmup: int) -> dict:
     for _ in range(2):
         emb.encode(texts[:warmup])
@@ -254,6 +302,7 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=200)
     ap.add_argument("--overlap", type=int, default=32)
     ap.add_argument("--warmup", type=int, default=128, help="chunks encoded (twice) before the raw timing")
+    ap.add_argument("--peer", action="store_true", help="also run LlamaIndex's IngestionPipeline on the same work")
     args = ap.parse_args()
 
     corpus = html_root(args.corpus.resolve()) if args.corpus else fetch_corpus(args.cache.resolve())
@@ -287,6 +336,15 @@ def main() -> None:
         raw["contention"] = contention  # includes the warm-up
         print(json.dumps(raw), flush=True)
 
+        peer = None
+        if args.peer:
+            print("LlamaIndex IngestionPipeline on the same files ...", flush=True)
+            peer, contention = phase(run_peer, emb, files, args.chunk_size, args.overlap)
+            peer["contention"] = contention
+            peer["memstore_chunks_per_s_over_peer"] = round(pipeline["chunks_per_s"] / peer["chunks_per_s"], 3)
+            peer["memstore_tokens_per_s_over_peer"] = round(pipeline["tokens_per_s"] / peer["tokens_per_s"], 3)
+            print(json.dumps(peer), flush=True)
+
         encode_s = pipeline["time_in"]["embedder_encode"]["seconds"]
         wall = pipeline["wall_seconds"]
         result = {
@@ -315,6 +373,9 @@ def main() -> None:
             },
             "store": stats,
         }
+        if peer:
+            result["peer_llama_index"] = peer
+            result["peer_target"] = "memstore ingest throughput >= 2x LlamaIndex's on the same work (issue 19)"
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"ratio {result['ratio_pipeline_to_raw_chunks_per_s']}  "
