@@ -282,7 +282,7 @@ def prepare(workdir: Path, fillers: list[str], lengths: list[str], n_needles: in
 # ---- ranks -------------------------------------------------------------------------------
 
 DEPTH = 50  # ranks below this count as missing
-ALPHAS = (0.2, 0.3, 0.5)
+ALPHAS = (0.2, 0.25, 0.3, 0.5)
 
 
 def variants(scored: HybridScores) -> dict[str, list[int]]:
@@ -357,7 +357,7 @@ def run(workdir: Path, fillers: list[str], lengths: list[str], n_needles: int, s
             result["built"] = {k: v for k, v in plan["built"].items() if k != "manifest"}
             report["results"].setdefault(filler, {})[length] = result
             print(filler, length, json.dumps({m: result["summary"][m]["rank1"] for m in
-                                              ("shipped_hybrid", "weighted_lists", "full_a0.2", "dense", "lexical")}),
+                                              ("shipped_hybrid", "weighted_lists", "full_a0.25", "dense", "lexical")}),
                   flush=True)
             if out:
                 tmp = out.with_suffix(".tmp")

@@ -57,7 +57,7 @@ from memstore.store import HYBRID_CANDIDATES, ChunkIn, DocumentIn, MemoryStore
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "newwiki_longdoc"
 MODES = {"dense": {"mode": "dense"}, "lexical": {"mode": "lexical"}, "hybrid": {"mode": "hybrid"},
          "hybrid+rerank": {"mode": "hybrid", "rerank": True}}
-ALPHAS = (0.2, 0.3, 0.4, 0.5, 0.7)
+ALPHAS = (0.2, 0.25, 0.3, 0.4, 0.5, 0.7)
 RERANK_NS = (20, 30, 50)
 RERANK_WEIGHTS = (0.2, 0.3, 0.4, 0.5)
 K = 10
@@ -221,7 +221,7 @@ def dev_benchmark(mem, workdir: Path, n_questions: int, seed: int, offset: int =
         lists, ms = method_lists(mem, q["question"], K)
         for name, v in ms.items():
             latency.setdefault(name, []).append(v)
-        mismatch["hybrid"] += lists["hybrid"] != lists[f"hybrid_full_a{lexical.DEFAULT_ALPHA}+exact"]
+        mismatch["hybrid"] += lists["hybrid"] != lists[f"hybrid_full_a{lexical.FULL_ALPHA}+exact"]
         mismatch["hybrid+rerank"] += lists["hybrid+rerank"] != lists[f"rerank_lex_w{RERANK_WEIGHT}_n{RERANK_CANDIDATES}"]
         for name, ids in lists.items():
             ranks["span"].setdefault(name, []).append(first_rank(ids, span_hit))
@@ -512,7 +512,7 @@ def main() -> None:
     dev_mem = memstore.open(workdir / "dev")
     report["config"] = {"embedder": dev_mem.embedder.name, "dim": dev_mem.embedder.dim, "chunk_size": 200,
                         "overlap": 32, "k": K, "hybrid_candidates_per_side": HYBRID_CANDIDATES,
-                        "rrf_k": lexical.RRF_K, "default_fusion": f"full scores, alpha {lexical.DEFAULT_ALPHA}, exact match first",
+                        "rrf_k": lexical.RRF_K, "default_fusion": f"full scores, alpha {lexical.FULL_ALPHA}, exact match first",
                         "weighted_alphas": list(ALPHAS),
                         "lexical": "SQLite FTS5 bm25, porter tokenizer, query words and two-word phrases of neighbouring query words OR-ed, stopwords left out",
                         "reranker": dev_mem.reranker_name, "rerank_candidates": RERANK_CANDIDATES,

@@ -22,6 +22,9 @@ RRF_K = 60
 # Weighted fusion with this dense weight beat RRF on both benchmarks (bench/retrieval.py):
 # newwiki hit@4 0.925 vs 0.907, needle chunk at rank 1 for 98% vs 44% of needles.
 DEFAULT_ALPHA = 0.2
+# The dense weight of full-score fusion (the default): of 0.2/0.25/0.3, the one that keeps both
+# the dev set's MRR and the needles over three fillers at 1M-10M tokens (bench/results/retrieval*.json)
+FULL_ALPHA = 0.25
 
 
 # Very common English words: each costs a scan of a huge posting list and adds almost no
@@ -222,7 +225,7 @@ def weighted_fusion(dense: list[tuple[int, float]], lexical: list[tuple[int, flo
 
 
 def full_score_fusion(dense: dict[int, float], lexical: dict[int, float],
-                      alpha: float = DEFAULT_ALPHA) -> list[tuple[int, float]]:
+                      alpha: float = FULL_ALPHA) -> list[tuple[int, float]]:
     """alpha * min-max-normalized dense score + (1 - alpha) * lexical score / its maximum, over
     candidates that both sides have scored (every candidate of either side, see MemoryStore).
 
