@@ -88,6 +88,18 @@ class VectorIndex:
             present = np.isin(ids, faiss.vector_to_array(self.faiss.id_map))
             self.tombstones.update(ids[present].tolist())
 
+    def vectors(self, ids: list[int]) -> dict[int, np.ndarray]:
+        """The stored vectors of those ids that the index holds (live ones)."""
+        out = {}
+        for i in ids:
+            if i in self.tombstones:
+                continue
+            try:
+                out[i] = self.faiss.reconstruct(int(i))
+            except RuntimeError:  # not in the index
+                continue
+        return out
+
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None):
         """Top-k by inner product. Returns (scores, ids), both (n_queries, k); missing hits have id -1."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)

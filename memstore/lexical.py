@@ -88,7 +88,9 @@ def scores(conn: Connection, q: LexicalQuery, ids: list[int]) -> dict[int, float
     if not ids or not any(q.counts.values()):
         return out
     if conn.dialect.name == "sqlite":
-        sql = text("SELECT rowid, bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH :match AND rowid IN :ids")
+        # `+rowid`: FTS5 runs the match once and the rows are filtered after it; pushed down, it would
+        # run it once per id (15 ms instead of 1 for 50 ids on 1,600 chunks)
+        sql = text("SELECT rowid, bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH :match AND +rowid IN :ids")
         rows = conn.execute(sql.bindparams(bindparam("ids", expanding=True)), {"match": _fts_match(q.terms), "ids": ids})
         out.update((int(i), -float(s)) for i, s in rows)
         return out
@@ -109,7 +111,7 @@ def holding_all(conn: Connection, terms: list[str], ids: list[int]) -> set[int]:
     if not terms or not ids:
         return set()
     if conn.dialect.name == "sqlite":
-        sql = text("SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH :all AND rowid IN :ids")
+        sql = text("SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH :all AND +rowid IN :ids")
         params = {"all": " AND ".join('"' + t.replace('"', '""') + '"' for t in terms), "ids": ids}
     else:
         sql = text("SELECT id FROM chunks WHERE id IN :ids AND "

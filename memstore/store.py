@@ -103,7 +103,7 @@ class HybridScores:
     dense: dict[int, float]  # chunk id -> score, for every candidate
     lexical: dict[int, float]
     rare: list[str]  # the query's rare words (lexical.rare_words)
-    holders: set[int]  # the candidates that hold every rare word
+    holders: set[int]  # the lexical candidates that hold every rare word
 
     def fused(self, fusion: str = "full") -> list[tuple[int, float]]:
         if fusion == "weighted":  # each side's scores over its own candidates only
@@ -477,22 +477,18 @@ class MemoryStore:
                       doc_ids: list[int] | None = None) -> HybridScores:
         """The top n of each side, then each side's score for the other side's candidates: the
         dense score from the stored vector, the lexical score from the full-text index."""
-        pending = self._worker().submit(self._lexical, query, n, doc_ids)
+        pending = self._worker().submit(self._lexical_side, query, n, doc_ids)
         try:
             if callable(vector):
                 vector = vector()
             vector = np.asarray(vector, dtype=np.float32).reshape(-1)
             dense_top = self._dense(vector, n, doc_ids)
         finally:  # wait for the lexical query even when the dense side failed
-            prepared, lexical_top = pending.result()
+            prepared, lexical_top, rare, holders = pending.result()
         dense, lex = dict(dense_top), dict(lexical_top)
+        dense.update(self._dense_scores(vector, [i for i in lex if i not in dense]))
         with self.engine.connect() as conn:
             lex.update(lexical.scores(conn, prepared, [i for i in dense if i not in lex]))
-            only_lexical = np.asarray([i for i in lex if i not in dense], dtype=np.int64)
-            for ids, vectors in self._vectors_for(conn, only_lexical):
-                dense.update(zip(ids.tolist(), (vectors @ vector).tolist()))
-            rare = lexical.rare_words(prepared)
-            holders = lexical.holding_all(conn, rare, list(lex)) if rare else set()
         return HybridScores(dense_top, lexical_top, dense, lex, rare, holders)
 
     def _dense(self, vector: np.ndarray, k: int, doc_ids: list[int] | None) -> list[tuple[int, float]]:
@@ -514,6 +510,28 @@ class MemoryStore:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memstore-lexical")
         return self._executor
+
+    def _lexical_side(self, query: str, n: int, doc_ids: list[int] | None):
+        """The lexical top n, the query's rare words, and which of the top n hold them all (a chunk
+        holding every rare word scores high, so one outside the top n would mean many holders)."""
+        with self.engine.connect() as conn:
+            prepared = lexical.prepare(conn, query)
+            top = lexical.search(conn, prepared, n, doc_ids)
+            rare = lexical.rare_words(prepared)
+            holders = lexical.holding_all(conn, rare, [i for i, _ in top]) if rare else set()
+        return prepared, top, rare, holders
+
+    def _dense_scores(self, vector: np.ndarray, ids: list[int]) -> dict[int, float]:
+        """Inner products with these chunks' vectors: from the index, else from SQL."""
+        if not ids:
+            return {}
+        kept = self.index.vectors(ids) if self.index is not None else {}
+        missing = np.asarray([i for i in ids if i not in kept], dtype=np.int64)
+        if len(missing):
+            with self.engine.connect() as conn:
+                for found, vectors in self._vectors_for(conn, missing):
+                    kept.update(zip(found.tolist(), vectors))
+        return {i: float(v @ vector) for i, v in kept.items()}
 
     def _lexical(self, query: str, k: int, doc_ids: list[int] | None) -> tuple[lexical.LexicalQuery, list[tuple[int, float]]]:
         with self.engine.connect() as conn:
