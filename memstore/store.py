@@ -483,12 +483,20 @@ class MemoryStore:
                 vector = vector()
             vector = np.asarray(vector, dtype=np.float32).reshape(-1)
             dense_top = self._dense(vector, n, doc_ids)
+            early = None
+            if self.engine.dialect.name == "sqlite":  # score the dense side lexically while the worker still runs
+                with self.engine.connect() as conn:
+                    early = lexical.sqlite_scores(conn, lexical.query_terms(query), [i for i, _ in dense_top])
         finally:  # wait for the lexical query even when the dense side failed
             prepared, lexical_top, rare, holders = pending.result()
         dense, lex = dict(dense_top), dict(lexical_top)
         dense.update(self._dense_scores(vector, [i for i in lex if i not in dense]))
-        with self.engine.connect() as conn:
-            lex.update(lexical.scores(conn, prepared, [i for i in dense if i not in lex]))
+        missing = [i for i in dense if i not in lex]
+        if early is not None:
+            lex.update((i, early.get(i, 0.0)) for i in missing)
+        else:
+            with self.engine.connect() as conn:
+                lex.update(lexical.scores(conn, prepared, missing))
         return HybridScores(dense_top, lexical_top, dense, lex, rare, holders)
 
     def _dense(self, vector: np.ndarray, k: int, doc_ids: list[int] | None) -> list[tuple[int, float]]:
