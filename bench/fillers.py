@@ -40,7 +40,7 @@ from ingest.loaders import load, markdown_blocks  # noqa: E402
 from memstore import lexical  # noqa: E402
 from memstore.schema import Chunk  # noqa: E402
 from memstore.store import HYBRID_CANDIDATES, ChunkIn, DocumentIn, HybridScores, MemoryStore  # noqa: E402
-from retrieval import FIRST, LAST, TEMPLATES, WORDS  # noqa: E402
+from retrieval import TEMPLATES, make_needles  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NEWWIKI = ROOT.parent / "shared" / "data" / "newwiki_longdoc.docs.jsonl"
@@ -105,16 +105,6 @@ def unique_prefix(docs: list[tuple[str, str]], tokenizer, limit: int) -> list[tu
 
 
 # ---- needles -----------------------------------------------------------------------------
-
-def make_needles(n: int, rng: random.Random) -> list[dict]:
-    people = rng.sample([f"{f} {l}" for f in FIRST for l in LAST], 2 * n)
-    out = []
-    for i in range(n):
-        fact, question = DOC_TEMPLATES[i % len(DOC_TEMPLATES)]
-        fill = dict(a=people[i], b=people[n + i], w=rng.choice(WORDS), n=rng.randint(1000, 9999))
-        out.append({"needle": fact.format(**fill), "question": question.format(**fill)})
-    return out
-
 
 def place_needles(docs: list[tuple[str, str, int]], needles: list[dict], rng: random.Random) -> dict[str, str]:
     """Texts of the documents that received needles (source -> text), each needle at a random sentence boundary."""
@@ -263,7 +253,7 @@ def prepare(workdir: Path, fillers: list[str], lengths: list[str], n_needles: in
             rng = random.Random(f"{seed}/{filler}/{length}")
             within = unique_prefix([(s, t) for s, t, _ in docs], embedder.tokenizer, min(target, unique_total))
             real_tokens = sum(n for *_, n in within)
-            needles = make_needles(n_needles, rng)
+            needles = make_needles(n_needles, rng, DOC_TEMPLATES)
             with_needles = place_needles(within, needles, rng)
             real = [(s, with_needles.get(s, t)) for s, t, _ in within]
             manifest = {"version": STORE_VERSION, "filler": filler, "length": length, "needles": n_needles,

@@ -270,11 +270,11 @@ TEMPLATES = [  # (fact, question); {a} the person, {b} another person, {w} a wor
 ]
 
 
-def make_needles(n: int, rng: random.Random) -> list[dict]:
+def make_needles(n: int, rng: random.Random, templates: list[tuple[str, str]] = TEMPLATES) -> list[dict]:
     people = rng.sample([f"{f} {l}" for f in FIRST for l in LAST], 2 * n)
     out = []
     for i in range(n):
-        fact, question = TEMPLATES[i % len(TEMPLATES)]
+        fact, question = templates[i % len(templates)]
         fill = dict(a=people[i], b=people[n + i], w=rng.choice(WORDS), n=rng.randint(1000, 9999))
         out.append({"needle": fact.format(**fill), "question": question.format(**fill)})
     return out

@@ -366,12 +366,11 @@ def demo(store, corpus, no_fetch, build_only, host, port, model):
         found = demomod.demo_corpus(fetch=not no_fetch, say=say)
     store = store or str(demomod.cache_dir() / "demo" / found.name)
     say(f"corpus: {found.note}\nstore: {store}")
-    if not build_only:
-        check_port_free(host, port)
     if build_only:
         with open_memory(store, None, create=True) as mem:
             print_ingest_summary(mem.ingest(found.files, progress=sys.stderr.isatty()))
         return
+    check_port_free(host, port)
     title = "memstore · ask the SQLite manual" if found.name.startswith("sqlite") else f"memstore · {found.name}"
     examples = demomod.EXAMPLE_QUESTIONS if found.name.startswith("sqlite") else []
     serve_while_building(store, found.files, host, port, model, title=title, examples=examples)

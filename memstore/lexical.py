@@ -121,7 +121,7 @@ def holding_all(conn: Connection, terms: list[str], ids: list[int]) -> set[int]:
         return set()
     if conn.dialect.name == "sqlite":
         sql = text("SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH :all AND +rowid IN :ids")
-        params = {"all": " AND ".join('"' + t.replace('"', '""') + '"' for t in terms), "ids": ids}
+        params = {"all": _fts_match(terms, "AND"), "ids": ids}
     else:
         sql = text("SELECT id FROM chunks WHERE id IN :ids AND "
                    + " AND ".join(_PG_TERM.format(i) for i in range(len(terms))))
@@ -153,8 +153,8 @@ def _search_sqlite(conn, q: LexicalQuery, k, document_ids):
     return [(int(i), -float(s)) for i, s in conn.execute(sql, params)]
 
 
-def _fts_match(terms: list[str]) -> str:
-    return " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
+def _fts_match(terms: list[str], operator: str = "OR") -> str:
+    return f" {operator} ".join('"' + t.replace('"', '""') + '"' for t in terms)
 
 
 def _rare_terms(q: LexicalQuery) -> list[str] | None:

@@ -13,11 +13,8 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from mcp_types import Resource
 
-from ingest.embed import EmbedderNotFound
+from memstore.answer_stream import USER_ERRORS
 from memstore.api import Memory
-from memstore.errors import MemstoreError
-
-USER_ERRORS = (MemstoreError, EmbedderNotFound, ValueError)
 
 DOCUMENT_URI = "memstore://documents/{document_id}"
 INSTRUCTIONS = ("A knowledge base of documents. Use `search` to find passages (each with its document, char "

@@ -13,8 +13,6 @@ and `filters` may be sent as extra body fields.
 from __future__ import annotations
 
 import json
-import logging
-import queue
 import threading
 import time
 import uuid
@@ -25,7 +23,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-log = logging.getLogger("memstore.server")
+from memstore.answer_stream import answer_events
 
 MODES = ("memory", "rag", "truncate", "full")
 MAX_MESSAGE_CHARS = 2000
@@ -111,35 +109,20 @@ def stream(memory, lock, question: str, kwargs: dict, completion_id: str, create
            answer_json: Callable):
     """Server-sent events: a role chunk, one chunk per piece of text, a last chunk with the finish
     reason and the sources, then [DONE]; a failure mid-answer ends with an error event."""
-    events: queue.Queue = queue.Queue()
-
-    def work() -> None:
-        try:
-            with lock:
-                answer = memory.ask(question, on_token=lambda t: events.put(("token", t)), **kwargs)
-            events.put(("answer", answer))
-        except Exception as e:  # noqa: BLE001 - reported to the client in the stream, logged here
-            log.exception("answering %r failed", question)
-            events.put(("error", str(e) if isinstance(e, ValueError) else f"internal error ({type(e).__name__})"))
-        finally:
-            events.put(None)
-
     def chunk(delta: dict, finish: str | None = None, **extra) -> str:
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
         return f"data: {json.dumps(jsonable_encoder(body))}\n\n"
 
-    threading.Thread(target=work, daemon=True, name="openai-stream").start()
     yield chunk({"role": "assistant", "content": ""})
-    while (event := events.get()) is not None:
-        kind, value = event
+    for kind, value in answer_events(memory, lock, question, **kwargs):
         if kind == "token":
             yield chunk({"content": value})
         elif kind == "answer":
             out = answer_json(value)
             yield chunk({}, finish_reason(value, kwargs["max_new_tokens"]), sources=out["sources"],
                         memstore=memstore_part(out))
-        else:
+        elif kind == "error":
             yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
     yield "data: [DONE]\n\n"
 

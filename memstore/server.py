@@ -10,7 +10,6 @@ import contextlib
 import html
 import json
 import logging
-import queue
 import threading
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ingest.embed import EmbedderNotFound
 from memstore.api import Memory
+from memstore.answer_stream import answer_events
 from memstore.errors import MemstoreError
 from memstore.openai_api import add_openai_routes
 
@@ -33,7 +33,6 @@ log = logging.getLogger("memstore.server")
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 64 * 1024
 MAX_QUESTION_CHARS = 2000
-USER_ERRORS = (MemstoreError, EmbedderNotFound, ValueError)
 
 
 class AskRequest(BaseModel):
@@ -204,29 +203,12 @@ def create_app(memory: Memory, *, default_model: str | None = None, models: list
         kwargs = ask_kwargs(req)
         with lock:
             memory.require_chunks()  # refused with a 400 before the stream starts
-        events: queue.Queue = queue.Queue()
-
-        def work() -> None:
-            try:
-                if lock.locked():
-                    events.put({"type": "status", "text": "waiting for the answer before this one"})
-                with lock:
-                    events.put({"type": "status", "text": "answering"})
-                    answer = memory.ask(req.question, on_token=lambda t: events.put({"type": "token", "text": t}),
-                                        **kwargs)
-                events.put({"type": "answer", **answer_json(answer)})
-            except USER_ERRORS as e:
-                events.put({"type": "error", "error": str(e)})
-            except Exception as e:  # noqa: BLE001 - reported to the client as an event, logged here
-                log.exception("answering %r failed", req.question)
-                events.put({"type": "error", "error": f"internal error ({type(e).__name__}); see the server log"})
-            finally:
-                events.put(None)
-
-        threading.Thread(target=work, daemon=True).start()
-
         def lines():
-            while (event := events.get()) is not None:
+            for kind, value in answer_events(memory, lock, req.question, **kwargs):
+                if kind == "answer":
+                    event = {"type": "answer", **answer_json(value)}
+                else:
+                    event = {"type": kind, "error" if kind == "error" else "text": value}
                 yield json.dumps(jsonable_encoder(event)) + "\n"
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")

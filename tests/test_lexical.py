@@ -19,10 +19,11 @@ FILLER = [
 ]
 
 
-def add(store, source, texts, seed=0, meta=None):
+def add(store, source, texts, seed=0, meta=None, vectors=None):
     chunks = [ChunkIn(i, i * 200, i * 200 + len(t), t, 20) for i, t in enumerate(texts)]
     doc = DocumentIn(source, f"h{source}", 1, 1.0, 200 * len(texts), meta=meta or {})
-    store.add_document(doc, chunks, unit_vectors(len(texts), DIM, seed))
+    vectors = unit_vectors(len(texts), DIM, seed) if vectors is None else np.asarray(vectors, dtype=np.float32)
+    store.add_document(doc, chunks, vectors)
 
 
 @pytest.fixture
@@ -187,10 +188,10 @@ def lock_store(store_target, monkeypatch):
         add(s, f"filler{i}.txt", FILLER[:3], seed=i)
     guide = ["Ingrid asked about the bicycle lock: a bicycle lock code is set on the lock itself, and the code "
              "of a bicycle lock can be changed.", "A lock code for a bicycle: change the lock code of the bicycle lock often."]
-    add_with(s, "guide.txt", guide, [_near(QUERY_VECTOR, 1), _near(QUERY_VECTOR, 2)])
-    add_with(s, "codes.txt", ["Error code 42 means the code was rejected."], unit_vectors(1, DIM, 50))
-    add_with(s, "needle.txt", ["Ingrid Vasquez noted her bicycle lock code, 4821, on a card kept in the shed "
-                               "with the gardening tools and the old paint."], unit_vectors(1, DIM, 77))
+    add(s, "guide.txt", guide, vectors=[_near(QUERY_VECTOR, 1), _near(QUERY_VECTOR, 2)])
+    add(s, "codes.txt", ["Error code 42 means the code was rejected."], seed=50)
+    add(s, "needle.txt", ["Ingrid Vasquez noted her bicycle lock code, 4821, on a card kept in the shed "
+                          "with the gardening tools and the old paint."], seed=77)
     yield s
     s.close()
 
@@ -198,11 +199,6 @@ def lock_store(store_target, monkeypatch):
 QUERY_VECTOR = unit_vectors(1, DIM, 999)[0]
 LOCK_QUESTION = "What is Ingrid Vasquez's bicycle lock code?"
 
-
-def add_with(store, source, texts, vectors):
-    chunks = [ChunkIn(i, i * 300, i * 300 + len(t), t, 20) for i, t in enumerate(texts)]
-    store.add_document(DocumentIn(source, f"h{source}", 1, 1.0, 300 * len(texts)), chunks,
-                       np.asarray(vectors, dtype=np.float32))
 
 
 def test_every_candidate_is_scored_by_both_sides(lock_store):
@@ -240,7 +236,7 @@ def test_an_exact_match_is_not_outvoted_by_generally_relevant_chunks(lock_store)
 
 
 def test_the_exact_match_rule_needs_a_single_holder_of_the_rare_words(lock_store):
-    add_with(lock_store, "other.txt", ["Ingrid Vasquez sold her old bicycle lock, code and all."], unit_vectors(1, DIM, 78))
+    add(lock_store, "other.txt", ["Ingrid Vasquez sold her old bicycle lock, code and all."], seed=78)
     scored = lock_store.hybrid_scores(QUERY_VECTOR, LOCK_QUESTION, 10)
     assert len(scored.holders) == 2  # two chunks hold every rare word: fusion alone decides
     assert scored.fused("full") == lexical_full(scored)
