@@ -10,6 +10,7 @@ full:     the whole document text in the prompt, only where it fits.
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -29,6 +30,16 @@ SYSTEM = "Answer the question with a short phrase taken from the documents."
 SLOT_BIAS = -1.5
 # Slots whose chunk scores at least this share of the best chunk's score get no bias (close_to_best).
 CO_BEST = 0.6
+# Where the question asks for several things and several slots hold chunks close to the best one,
+# those slots' tokens are recomputed together once filled (SlotCache.blend), so each chunk reads
+# the others as it would in one prompt: bench/results/longctx.json, memory against
+# memory_unblended. Blending for every question cost QA answers (longctx_blend_everywhere.json,
+# qa_runs/i_blend_everywhere.json), so single-fact questions keep chunks read alone.
+BLEND = True
+# English cues of a question that asks for several things: "all", "both", "list", a plural
+# "what are ...", or a second question joined by ", and what ...".
+SEVERAL = re.compile(r"\b(all|both|list|each|every)\b|^\s*(what|which|who|where)\s+(are|were)\b"
+                     r"|,\s*and\s+(what|who|which|where|when|how)\b|\b(what|which)\s+\w+s\s+(are|were)\b", re.I)
 # Memory slots that the answer's own new terms fill (AnswerReader), besides the question's k.
 FOLLOW_SLOTS = 2
 DOCS_MARK = "\x00DOCS\x00"
@@ -76,11 +87,13 @@ def eos_ids(tokenizer, model) -> set[int]:
 class Decoder:
     """Holds a backbone and what can be reused across questions (prefix caches)."""
 
-    def __init__(self, model, tokenizer, *, max_positions: int, slot_len: int = 256, slot_bias: float = SLOT_BIAS):
+    def __init__(self, model, tokenizer, *, max_positions: int, slot_len: int = 256, slot_bias: float = SLOT_BIAS,
+                 blend: bool = BLEND):
         self.model, self.tokenizer = model, tokenizer
         self.max_positions = max_positions
         self.slot_len = slot_len
         self.slot_bias = slot_bias
+        self.blend = blend
         self.eos = eos_ids(tokenizer, model)
         self._prefix_cache: dict[tuple, object] = {}
 
@@ -154,10 +167,15 @@ class Decoder:
         layout = SlotLayout(len(parts.prefix), n_follow + max(1, len(chunks)), self.slot_len)
         slots = SlotCache(self.model, self.prefix(parts.prefix), layout)
         for i, kv in enumerate(kv_for(chunks, parts.prefix)):
-            slots.fill(n_follow + i, kv)  # follow slots first: the question's best chunk stays nearest the question
-        for i, chunk in enumerate(chunks[:-1]):
-            if not close_to_best(chunk, chunks[-1]):
+            ids = chunk_token_ids(self.tokenizer, chunks[i]["text"], self.slot_len)
+            slots.fill(n_follow + i, kv, ids)  # follow slots first: the question's best chunk stays nearest the question
+        close = [i for i, chunk in enumerate(chunks[:-1]) if close_to_best(chunk, chunks[-1])] + [len(chunks) - 1]
+        for i in range(len(chunks) - 1):
+            if i not in close:
                 slots.set_bias(n_follow + i, self.slot_bias)
+        if self.blend and len(close) > 1 and asks_for_several(question):  # let the facts' chunks read each other
+            slots.blend([p for i in close for p in slots.slot_positions(n_follow + i)])
+            timings["blended_tokens"] = sum(slots.slot_tokens[n_follow + i] for i in close)
         timings["memory_load_s"] = time.perf_counter() - t
         logits, _ = slots.forward(parts.suffix)
         reader = AnswerReader(question, follow or retrieve, n_follow)
@@ -166,17 +184,20 @@ class Decoder:
         def refill(generated: list[int], finished: bool = False) -> torch.Tensor | None:
             """Logits over a newly filled follow slot, or None when the answer names nothing new."""
             t = time.perf_counter()
-            found = reader.read(self.tokenizer.decode(generated, skip_special_tokens=True),
-                                {c["chunk_id"] for c in held if c}, finished)
+            turn = reader.read(self.tokenizer.decode(generated, skip_special_tokens=True),
+                               {c["chunk_id"]: c["text"] for c in held if c}, finished)
             timings["retrieval_s"] += time.perf_counter() - t
-            if found is None:
+            lift = [i for i, c in enumerate(held) if turn and c and c["chunk_id"] in turn.lift and slots.biased(i)]
+            if turn is None or (turn.chunk is None and not lift):
                 return None
-            slot, chunk = found
-            [kv] = kv_for([chunk], parts.prefix)
-            slots.fill(slot, kv)
-            for other in range(n_follow):  # only the newest follow is unbiased: it is what the answer turned to
-                slots.set_bias(other, 0.0 if other == slot else self.slot_bias)
-            held[slot] = chunk
+            for i in lift:
+                slots.set_bias(i, 0.0)
+            if turn.chunk is not None:
+                [kv] = kv_for([turn.chunk], parts.prefix)
+                slots.fill(turn.slot, kv)
+                for other in range(n_follow):  # only the newest follow is unbiased: it is what the answer turned to
+                    slots.set_bias(other, 0.0 if other == turn.slot else self.slot_bias)
+                held[turn.slot] = turn.chunk
             slots.drop_local()
             return slots.forward(parts.suffix + generated)[0]
 
@@ -249,6 +270,11 @@ class Decoder:
         return Generation(text, generated, chunks, attention, timings, refills)
 
 
+def asks_for_several(question: str) -> bool:
+    """Whether the question asks for several things (English cues only: see SEVERAL)."""
+    return SEVERAL.search(question) is not None
+
+
 def close_to_best(chunk: dict, best: dict) -> bool:
     """Whether a chunk's retrieval score is within CO_BEST of the best chunk's: another fact asked for.
 
@@ -276,8 +302,10 @@ class AnswerReader:
     digit, a capital or an underscore: a name, a number, a variable) and that the question does not
     hold (nor a stopword, nor a term followed before). The chunks that
     hold the answer's terms are searched lexically, and the best one that holds the new term
-    and sits in no slot comes in. A term already in the question never moves a slot, so an
-    answer that repeats the question's words reads what the question retrieved.
+    and sits in no slot comes in; slots that already hold the new term lose their bias (the
+    answer has turned to them: the second fact of a two-hop question is often retrieved by the
+    question, then held down as a lesser slot). A term already in the question never moves a
+    slot, so an answer that repeats the question's words reads what the question retrieved.
     """
 
     def __init__(self, question: str, follow: Callable[[str], list[dict]], n_slots: int):
@@ -286,20 +314,30 @@ class AnswerReader:
         self.seen: list[str] = []  # the answer's terms that asked for a follow, in order
         self.follows = 0
 
-    def read(self, answer: str, held: set[int], finished: bool = False) -> tuple[int, dict] | None:
-        """(follow slot, chunk) to fill now, or None. Unless the answer is `finished`, its last word may still grow."""
+    def read(self, answer: str, held: dict[int, str], finished: bool = False) -> Turn | None:
+        """What to read next, or None. held: {chunk id: text} of the filled slots. Unless the answer
+        is `finished`, its last word may still grow."""
         cut = max(answer.rfind(" "), answer.rfind("\n"))
         complete = answer if finished else answer[:max(cut, 0)]  # no space yet: no word is complete
         new = [t for t in dict.fromkeys(_named_terms(complete)) if t not in self.question_terms and t not in self.seen]
         if not new or not self.n_slots:
             return None
         self.seen += new
+        turn = Turn(lift=[cid for cid, text in held.items() if new[-1] in _terms(text)])
         for chunk in self.follow(" ".join(self.seen)):
             if chunk["chunk_id"] not in held and new[-1] in _terms(chunk["text"]):
-                slot = self.follows % self.n_slots
+                turn.slot, turn.chunk = self.follows % self.n_slots, chunk
                 self.follows += 1
-                return slot, chunk
-        return None
+                break
+        return turn if turn.chunk or turn.lift else None
+
+
+@dataclass
+class Turn:
+    """Where the answer turns: a chunk for a follow slot (or none), and held chunks to unbias."""
+    slot: int | None = None
+    chunk: dict | None = None
+    lift: list[int] = field(default_factory=list)
 
 
 def _named_terms(text: str) -> list[str]:

@@ -158,10 +158,11 @@ class SlotCache:
         self.mask[:P] = 1
         self.bias = torch.zeros(end)  # added to the attention logits of queries onto these positions
         self.slot_tokens = [0] * layout.n_slots  # how many real tokens each slot holds
+        self.slot_ids: list[list[int]] = [[] for _ in range(layout.n_slots)]  # the token ids behind each slot
         cos, sin = rope_cos_sin(model, torch.arange(layout.memory_end))
         self._cos, self._sin = cos, sin
 
-    def fill(self, i: int, kv: np.ndarray) -> None:
+    def fill(self, i: int, kv: np.ndarray, token_ids: list[int] | None = None) -> None:
         """Place one chunk's (2, L, H, T, D) memory in slot i, rotated to the slot's positions."""
         kv = torch.from_numpy(np.asarray(kv, dtype=np.float32))
         T = min(kv.shape[3], self.layout.slot_len)
@@ -177,11 +178,48 @@ class SlotCache:
         self.mask[a:a + self.layout.slot_len] = 0
         self.mask[a:a + T] = 1
         self.slot_tokens[i] = T
+        self.slot_ids[i] = list(token_ids or [])[:T]
+
+    @torch.no_grad()
+    def blend(self, positions: list[int]) -> None:
+        """Recompute the keys and values of the slot tokens at `positions` with every slot before them in view.
+
+        Each chunk's memory was encoded alone, so no slot token has seen another slot: where an
+        answer needs several chunks at once (several values of a key, a chain of facts) the
+        model reads them worse than the same chunks pasted together as text. Running the chosen
+        tokens once more over the filled cache (the other tokens' memory as stored, the chosen
+        ones' earlier copies masked out) gives them that cross-slot view, at the cost of a
+        prefill of those tokens only. Needs the slots' token ids (fill(..., token_ids)).
+        """
+        positions = sorted(p for p in positions if self.mask[p])
+        if not positions:
+            return
+        end = self.layout.memory_end
+        ids = []
+        for p in positions:
+            slot = (p - self.layout.prefix_len) // self.layout.slot_len
+            ids.append(self.slot_ids[slot][p - self.layout.slot_start(slot)])
+        pos = torch.tensor(positions)
+        n = len(positions)
+        memory = torch.zeros(end).masked_fill(self.mask == 0, float("-inf")).expand(n, -1).clone()  # no slot bias
+        memory[:, pos] = float("-inf")  # the stale copies of the tokens being recomputed
+        memory = memory.masked_fill(torch.arange(end)[None, :] >= pos[:, None], float("-inf"))  # causal
+        fresh = torch.full((n, n), float("-inf")).triu(1)
+        mask = torch.cat([memory, fresh], dim=1)[None, None].to(self.cache.layers[0].keys.dtype)
+        self.model.model(input_ids=torch.tensor([ids]), **cache_arg(self.model, self.cache),
+                         position_ids=pos.view(1, -1), attention_mask=mask, use_cache=True)
+        for layer in self.cache.layers:
+            layer.keys[0, :, pos] = layer.keys[0, :, end:end + n]
+            layer.values[0, :, pos] = layer.values[0, :, end:end + n]
+        crop_to(self.cache, end)
 
     def set_bias(self, i: int, bias: float) -> None:
         """Add `bias` to every attention logit onto slot i (its attention weight times e^bias)."""
         a = self.layout.slot_start(i)
         self.bias[a:a + self.layout.slot_len] = bias
+
+    def biased(self, i: int) -> bool:
+        return bool(self.bias[self.layout.slot_start(i)] != 0)
 
     def drop_local(self) -> None:
         """Forget everything after the slots (question and generated tokens)."""
@@ -204,6 +242,10 @@ class SlotCache:
         memory = self.bias.masked_fill(self.mask == 0, float("-inf")).expand(n, -1)
         local = torch.full((n, offset + n), float("-inf")).triu(offset + 1)
         return torch.cat([memory, local], dim=1)[None, None].to(self.cache.layers[0].keys.dtype)
+
+    def slot_positions(self, i: int) -> range:
+        """The cache positions of slot i's real tokens."""
+        return range(self.layout.slot_start(i), self.layout.slot_start(i) + self.slot_tokens[i])
 
     def slot_spans(self) -> list[tuple[int, int]]:
         return [(self.layout.slot_start(i), self.layout.slot_start(i) + t) for i, t in enumerate(self.slot_tokens)]

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import unit_vectors
 from memstore.kv import KVMemory
 from memstore.store import ChunkIn, DocumentIn, MemoryStore
-from model.generate import AnswerReader, Decoder
+from model.generate import AnswerReader, Decoder, Turn, asks_for_several
 from model.memory import (SlotCache, SlotLayout, cache_arg, encode_chunks, prefill, rope_cos_sin, rotate,
                           unrotate)
 
@@ -136,27 +136,38 @@ def test_answer_reader_follows_new_terms_only():
         return [staff, other, home]
 
     reader = AnswerReader("Where was Ingrid Halvorsen's manager born?", follow, n_slots=2)
-    assert reader.read("Ingrid Halvorsen's manager", {1}) is None and not asked  # the question's words move nothing
-    assert reader.read("Ingrid Halvorsen's manager Tobias", {1}) is None and not asked  # "Tobias" may still grow
-    assert reader.read("Ingrid Halvorsen's manager Tobias ", {1}) == (0, home)  # held staff skipped; other lacks it
+    held = lambda *chunks: {c["chunk_id"]: c["text"] for c in chunks}
+    assert reader.read("Ingrid Halvorsen's manager", held(staff)) is None and not asked  # the question's words move nothing
+    assert reader.read("Ingrid Halvorsen's manager Tobias", held(staff)) is None and not asked  # "Tobias" may still grow
+    # held staff is not brought in again but loses its bias; other lacks "tobias": home comes in
+    assert reader.read("Ingrid Halvorsen's manager Tobias ", held(staff)) == Turn(0, home, lift=[1])
     assert asked == ["tobias"]
-    assert reader.read("Ingrid Halvorsen's manager Tobias Brennecke ", {1, 2}) == (1, other)
+    assert reader.read("Ingrid Halvorsen's manager Tobias Brennecke ", held(staff, home)) == Turn(1, other, lift=[1, 2])
     assert asked[-1] == "tobias brennecke"
-    assert reader.read("Ingrid Halvorsen's manager Tobias Brennecke was", {1, 2, 3}) is None  # nothing new
-    assert reader.read("Tobias Brennecke was born in the old harbour town ", {1}) is None  # prose names nothing
+    assert reader.read("Ingrid Halvorsen's manager Tobias Brennecke was", held(staff, home, other)) is None  # nothing new
+    assert reader.read("Tobias Brennecke was born in the old harbour town ", held(staff)) is None  # prose names nothing
     assert asked[-1] == "tobias brennecke"
-    assert reader.read("Tobias Brennecke was Zed ", {1, 2, 3}) is None  # no chunk holds "zed"
+    assert reader.read("Tobias Brennecke was Zed ", held(staff, home, other)) is None  # no chunk holds "zed"
     assert reader.follows == 2
-    assert reader.read("Tobias Brennecke was Quellstadt", {1}) is None  # the last word may still grow...
-    assert reader.read("Tobias Brennecke was Quellstadt", {1}, finished=True) == (0, other)  # ...unless it ended
+    assert reader.read("Tobias Brennecke was Quellstadt", held(staff)) is None  # the last word may still grow...
+    assert reader.read("Tobias Brennecke was Quellstadt", held(staff), finished=True) == Turn(0, other)  # ...unless it ended
     assert reader.follows == 3
+
+
+def test_a_term_only_held_chunks_hold_lifts_their_bias():
+    staff = _chunk(1, "Ingrid Halvorsen's manager is Tobias Brennecke.")
+    locker = _chunk(2, "The locker combination of Tobias Brennecke is 4821.")
+    reader = AnswerReader("Who is Ingrid Halvorsen's manager, and what is the manager's locker combination?",
+                          lambda terms: [locker, staff], n_slots=2)
+    turn = reader.read("Ingrid Halvorsen's manager is Tobias ", {1: staff["text"], 2: locker["text"]})
+    assert turn == Turn(lift=[1, 2]) and reader.follows == 0
 
 
 def test_a_first_word_still_growing_is_not_followed():
     asked = []
     reader = AnswerReader("How many columns may a table have?", lambda terms: asked.append(terms) or [], n_slots=2)
-    assert reader.read("200", set()) is None and reader.read("2000", set()) is None and not asked
-    reader.read("2000", set(), finished=True)
+    assert reader.read("200", {}) is None and reader.read("2000", {}) is None and not asked
+    reader.read("2000", {}, finished=True)
     assert asked == ["2000"]
 
 
@@ -227,3 +238,55 @@ def test_memory_mode_biases_every_slot_but_the_best_chunks(tiny):
 
     assert answer(others[0], -1e4) == answer(others[1], -1e4)
     assert answer(others[0], 0.0) != answer(others[1], 0.0)  # unbiased, the lesser slot is read
+
+
+def test_blending_every_slot_token_equals_the_prompt_it_replaces(tiny):
+    """Chunks encoded alone, then all their tokens recomputed over the filled slots: the joint prompt's logits."""
+    prefix, chunks, question = [1, 2, 3, 4], [[10, 11, 12, 13, 14], [30, 31, 32]], [20, 21, 22]
+    prefix_cache = prefill(tiny, prefix)
+    kvs = encode_chunks(tiny, prefix_cache, chunks)
+
+    def logits(blend: bool) -> torch.Tensor:
+        slots = SlotCache(tiny, prefix_cache, SlotLayout(len(prefix), 2, 5))
+        slots.fill(0, kvs[0], chunks[0])
+        slots.fill(1, kvs[1], chunks[1])
+        if blend:
+            slots.blend([p for i in (0, 1) for p in slots.slot_positions(i)])
+            assert slots.cache.get_seq_length() == slots.layout.memory_end  # the recomputed copies are put in place
+        return slots.forward(question)[0]
+
+    with torch.no_grad():  # the same prompt, with the two-position gap that slot 1 leaves after its chunk
+        ids = torch.tensor([prefix + chunks[0] + chunks[1] + question])
+        positions = torch.tensor([list(range(12)) + [14, 15, 16]])
+        expected = tiny(input_ids=ids, position_ids=positions).logits[0, -1]
+    assert not torch.allclose(logits(blend=False), expected, atol=1e-3)  # alone, slot 1 never saw slot 0
+    torch.testing.assert_close(logits(blend=True), expected, atol=2e-3, rtol=2e-3)
+
+
+def test_memory_mode_blends_the_slots_of_chunks_close_to_the_best(tiny):
+    """Several chunks scoring near the best (several facts asked for) are recomputed together; a lone best is not."""
+    tiny.generation_config.eos_token_id = None
+    best = {"chunk_id": 1, "text": "alpha facts here", "score": 1.0}
+    near = {"chunk_id": 2, "text": "beta notes", "score": 0.9}
+    far = {"chunk_id": 3, "text": "gamma gamma", "score": 0.1}
+
+    def blended(ranked, blend=True, question="What are all the values?"):
+        decoder = Decoder(tiny, FakeTokenizer(), max_positions=2048, slot_len=24, blend=blend)
+        gen = decoder.memory(question, lambda text: ranked, lambda chunks, prefix: decoder.encode(
+            [c["text"] for c in chunks], prefix), k=3, max_new_tokens=2, retrieve_every=0)
+        return gen.timings.get("blended_tokens", 0)
+
+    tokens = lambda c: len(c["text"]) + 2  # FakeTokenizer: a token per character, and the separator's two
+    assert blended([best, near, far]) == tokens(best) + tokens(near)
+    assert blended([best, far]) == 0
+    assert blended([best, near], blend=False) == 0
+    assert blended([best, near, far], question="What is the value?") == 0  # one thing asked: chunks read alone
+
+
+def test_questions_that_ask_for_several_things():
+    several = ["What are all the special magic numbers for amber-fox?", "Which variables hold 42? List them all.",
+               "Who is Ada's manager, and what is that manager's locker combination?",
+               "What are the magic numbers for a-b and c-d?", "Which pragmas are deprecated?"]
+    one = ["What is the special magic number for amber-fox?", "Who wrote the first draft?",
+           "Which PRAGMA turns on enforcement of foreign key constraints?", "What year was hockey first mentioned?"]
+    assert all(asks_for_several(q) for q in several) and not any(asks_for_several(q) for q in one)
