@@ -23,6 +23,7 @@ from ingest.pipeline import Ingestor
 from memstore import lexical
 from memstore.errors import EmbedderMismatchError, MemstoreError
 from memstore.index import IndexConfig
+from memstore.settings import ANSWER_TOKENS, TOP_K
 from memstore.store import Candidates, DocumentIn, Hit, MemoryStore
 from model.backbone import DEFAULT_MODEL
 from model.generate import FOLLOW_SLOTS
@@ -166,14 +167,15 @@ class Memory:
                 bar.update(len(chunks))
         return {"model": self.reranker_name, "encoded": len(todo), "seconds": round(time.perf_counter() - started, 2)}
 
-    def ask(self, question: str, *, model: str | None = None, mode: str = "memory", k: int = 4,
-            max_new_tokens: int = 32, retrieve_every: int = 1, filters: dict | None = None,
+    def ask(self, question: str, *, model: str | None = None, mode: str = "memory", k: int = TOP_K,
+            max_new_tokens: int = ANSWER_TOKENS, retrieve_every: int = 1, filters: dict | None = None,
             on_token: Callable[[str], None] | None = None):
         """Answer `question` from the store with a language model; returns an Answer with sources.
 
-        mode: "memory" (retrieved chunks' keys/values in memory slots of the KV cache; as the
-        answer names things the question does not, the chunks holding them come into follow
-        slots), "rag" (chunks pasted as text), "truncate" (the
+        mode: "memory" (retrieved chunks' keys/values in memory slots of the KV cache; where the
+        question asks for several things, the slots of the chunks that match it about as well as
+        the best are recomputed together so they read each other; as the answer names things the
+        question does not, the chunks holding them come into follow slots), "rag" (chunks pasted as text), "truncate" (the
         documents cut to the model's window) or "full" (the whole text, where it fits).
         `on_token` receives the answer text piece by piece as it is generated.
         """
@@ -231,7 +233,7 @@ class Memory:
                 "encoded": encoded, "tokens": todo_tokens, "tokens_per_s": round(todo_tokens / seconds, 1) if encoded else None,
                 "kv_bytes": kv.nbytes(), "seconds": round(seconds, 2)}
 
-    def kv_warmup_order(self, model: str | None = None, questions: list[str] = (), k: int = 4) -> list[dict]:
+    def kv_warmup_order(self, model: str | None = None, questions: list[str] = (), k: int = TOP_K) -> list[dict]:
         """Chunks whose KV memory `model` has not encoded yet, those most likely to be read first at the front.
 
         First the chunks that `questions` (the demo's examples) retrieve, then each document's

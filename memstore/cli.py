@@ -10,6 +10,7 @@ import sys
 import click
 
 from memstore.errors import MemstoreError
+from memstore.settings import ANSWER_TOKENS, TOP_K
 
 log = logging.getLogger("memstore.cli")
 
@@ -215,8 +216,8 @@ def print_hits(hits: list[dict]) -> None:
 @click.option("--model", default=None, help="Model preset (qwen2.5-0.5b: default, smollm2-135m, qwen2.5-1.5b), HF folder or GGUF file. Env: MEMSTORE_MODEL.")
 @click.option("--mode", type=click.Choice(["memory", "rag", "truncate", "full"]), default="memory", show_default=True,
               help="memory: retrieved chunks in KV-cache slots, plus the chunks of what the answer names; rag: chunks pasted as text.")
-@click.option("-k", "k", default=4, show_default=True, help="Retrieved chunks (memory slots).")
-@click.option("--max-new-tokens", default=48, show_default=True, help="Longest answer, in tokens.")
+@click.option("-k", "k", default=TOP_K, show_default=True, help="Retrieved chunks (memory slots).")
+@click.option("--max-new-tokens", default=ANSWER_TOKENS, show_default=True, help="Longest answer, in tokens.")
 @click.option("--retrieve-every", default=1, show_default=True, help="Every N decoding steps, read the chunks of terms the answer has newly written (0: only the question's chunks).")
 @click.option("--filter", "filters", multiple=True, metavar="FIELD=VALUE", help="Restrict retrieval, as in `memstore search`.")
 @json_option

@@ -15,6 +15,7 @@ from mcp_types import Resource
 
 from memstore.answer_stream import USER_ERRORS
 from memstore.api import Memory
+from memstore.settings import ANSWER_TOKENS, TOP_K
 
 DOCUMENT_URI = "memstore://documents/{document_id}"
 INSTRUCTIONS = ("A knowledge base of documents. Use `search` to find passages (each with its document, char "
@@ -61,7 +62,8 @@ def build_server(memory: Memory, model: str | None = None) -> MCPServer:
                           "uri": DOCUMENT_URI.format(document_id=h.document_id)} for h in hits]}
 
     @server.tool()
-    def ask(question: str, mode: Literal["memory", "rag"] = "memory", k: int = 4, max_new_tokens: int = 48) -> dict:
+    def ask(question: str, mode: Literal["memory", "rag"] = "memory", k: int = TOP_K,
+            max_new_tokens: int = ANSWER_TOKENS) -> dict:
         """Answer `question` from the store with its language model; the answer comes with its sources."""
         with reported(ToolError, lock):
             answer = memory.ask(question, model=model, mode=mode, k=max(1, min(k, 16)),

@@ -24,6 +24,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from memstore.answer_stream import answer_events
+from memstore.settings import TOP_K
 
 MODES = ("memory", "rag", "truncate", "full")
 MAX_MESSAGE_CHARS = 2000
@@ -45,7 +46,7 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1, le=256)
     max_completion_tokens: int | None = Field(None, ge=1, le=256)
     n: int = Field(1, ge=1, le=1, description="one answer per request")
-    k: int = Field(4, ge=1, le=16, description="memstore: chunks retrieved")
+    k: int = Field(TOP_K, ge=1, le=16, description="memstore: chunks retrieved")
     filters: dict[str, str | int] | None = Field(None, description="memstore: path (glob), document_id or meta.KEY")
 
 

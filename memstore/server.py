@@ -27,6 +27,7 @@ from memstore.api import Memory
 from memstore.answer_stream import answer_events
 from memstore.errors import MemstoreError
 from memstore.openai_api import add_openai_routes
+from memstore.settings import ANSWER_TOKENS, TOP_K
 
 log = logging.getLogger("memstore.server")
 
@@ -42,9 +43,9 @@ class AskRequest(BaseModel):
     mode: Literal["memory", "rag", "truncate", "full"] = Field(
         "memory", description="memory: retrieved chunks in KV memory slots; rag: pasted as text; "
                               "truncate/full: the documents themselves in the prompt.")
-    k: int = Field(4, ge=1, le=16, description="Chunks retrieved (memory slots or pasted chunks).")
+    k: int = Field(TOP_K, ge=1, le=16, description="Chunks retrieved (memory slots or pasted chunks).")
     model: str | None = Field(None, max_length=100, description="A model preset; default: the server's model.")
-    max_new_tokens: int = Field(48, ge=1, le=256)
+    max_new_tokens: int = Field(ANSWER_TOKENS, ge=1, le=256)
     filters: dict[str, str | int] | None = Field(None, description="path (glob), document_id or meta.KEY.")
 
 

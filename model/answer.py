@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 
 from memstore.kv import KVMemory, bytes_per_token
+from memstore.settings import ANSWER_TOKENS, TOP_K
 from model.generate import Decoder, Generation, PromptParts
 
 MODES = ("memory", "rag", "truncate", "full")
@@ -113,8 +114,8 @@ class Answerer:
                 progress(sum(self.kv_tokens(c) for c in todo[start:start + batch]))
         return len(todo)
 
-    def ask(self, question: str, retrieve: Callable[[str], list[dict]], *, mode: str = "memory", k: int = 4,
-            max_new_tokens: int = 32, retrieve_every: int = 1, document_text: Callable[[], str] | None = None,
+    def ask(self, question: str, retrieve: Callable[[str], list[dict]], *, mode: str = "memory", k: int = TOP_K,
+            max_new_tokens: int = ANSWER_TOKENS, retrieve_every: int = 1, document_text: Callable[[], str] | None = None,
             on_token=None, follow: Callable[[str], list[dict]] | None = None) -> Answer:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from memstore.lexical import STOPWORDS, query_terms
+from memstore.settings import ANSWER_TOKENS
 from model.memory import SlotCache, SlotLayout, cache_arg, crop_to, encode_chunks, last_logits, prefill
 
 SYSTEM = "Answer the question with a short phrase taken from the documents."
@@ -143,7 +144,7 @@ class Decoder:
 
     @torch.no_grad()
     def memory(self, question: str, retrieve: Callable[[str], list[dict]], kv_for: Callable,
-               *, k: int, max_new_tokens: int = 32, retrieve_every: int = 1, on_token=None,
+               *, k: int, max_new_tokens: int = ANSWER_TOKENS, retrieve_every: int = 1, on_token=None,
                follow: Callable[[str], list[dict]] | None = None, follow_slots: int = FOLLOW_SLOTS) -> Generation:
         """Generate with k memory slots filled from the question, and follow slots that the answer fills.
 
@@ -226,7 +227,7 @@ class Decoder:
     # ---- prompt modes (rag, truncate, full) ---------------------------------------------------
 
     @torch.no_grad()
-    def prompt(self, question: str, chunks: list[dict], *, max_new_tokens: int = 32, on_token=None,
+    def prompt(self, question: str, chunks: list[dict], *, max_new_tokens: int = ANSWER_TOKENS, on_token=None,
                timings: dict | None = None, started: float | None = None) -> Generation:
         """Generate with the chunks' texts pasted into the prompt, in order."""
         started = started or time.perf_counter()
