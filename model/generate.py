@@ -168,14 +168,14 @@ class Decoder:
         layout = SlotLayout(len(parts.prefix), n_follow + max(1, len(chunks)), self.slot_len)
         slots = SlotCache(self.model, self.prefix(parts.prefix), layout)
         for i, kv in enumerate(kv_for(chunks, parts.prefix)):
-            ids = chunk_token_ids(self.tokenizer, chunks[i]["text"], self.slot_len)
-            slots.fill(n_follow + i, kv, ids)  # follow slots first: the question's best chunk stays nearest the question
+            slots.fill(n_follow + i, kv)  # follow slots first: the question's best chunk stays nearest the question
         close = [i for i, chunk in enumerate(chunks[:-1]) if close_to_best(chunk, chunks[-1])] + [len(chunks) - 1]
         for i in range(len(chunks) - 1):
             if i not in close:
                 slots.set_bias(n_follow + i, self.slot_bias)
         if self.blend and len(close) > 1 and asks_for_several(question):  # let the facts' chunks read each other
-            slots.blend([p for i in close for p in slots.slot_positions(n_follow + i)])
+            slots.blend({n_follow + i: chunk_token_ids(self.tokenizer, chunks[i]["text"], self.slot_len)
+                         for i in close})
             timings["blended_tokens"] = sum(slots.slot_tokens[n_follow + i] for i in close)
         timings["memory_load_s"] = time.perf_counter() - t
         logits, _ = slots.forward(parts.suffix)
@@ -188,8 +188,10 @@ class Decoder:
             turn = reader.read(self.tokenizer.decode(generated, skip_special_tokens=True),
                                {c["chunk_id"]: c["text"] for c in held if c}, finished)
             timings["retrieval_s"] += time.perf_counter() - t
-            lift = [i for i, c in enumerate(held) if turn and c and c["chunk_id"] in turn.lift and slots.biased(i)]
-            if turn is None or (turn.chunk is None and not lift):
+            if turn is None:
+                return None
+            lift = [i for i, c in enumerate(held) if c and c["chunk_id"] in turn.lift and slots.biased(i)]
+            if turn.chunk is None and not lift:
                 return None
             for i in lift:
                 slots.set_bias(i, 0.0)

@@ -158,11 +158,10 @@ class SlotCache:
         self.mask[:P] = 1
         self.bias = torch.zeros(end)  # added to the attention logits of queries onto these positions
         self.slot_tokens = [0] * layout.n_slots  # how many real tokens each slot holds
-        self.slot_ids: list[list[int]] = [[] for _ in range(layout.n_slots)]  # the token ids behind each slot
         cos, sin = rope_cos_sin(model, torch.arange(layout.memory_end))
         self._cos, self._sin = cos, sin
 
-    def fill(self, i: int, kv: np.ndarray, token_ids: list[int] | None = None) -> None:
+    def fill(self, i: int, kv: np.ndarray) -> None:
         """Place one chunk's (2, L, H, T, D) memory in slot i, rotated to the slot's positions."""
         kv = torch.from_numpy(np.asarray(kv, dtype=np.float32))
         T = min(kv.shape[3], self.layout.slot_len)
@@ -178,27 +177,26 @@ class SlotCache:
         self.mask[a:a + self.layout.slot_len] = 0
         self.mask[a:a + T] = 1
         self.slot_tokens[i] = T
-        self.slot_ids[i] = list(token_ids or [])[:T]
 
     @torch.no_grad()
-    def blend(self, positions: list[int]) -> None:
-        """Recompute the keys and values of the slot tokens at `positions` with every slot before them in view.
+    def blend(self, slot_ids: dict[int, list[int]]) -> None:
+        """Recompute the keys and values of the given slots' tokens ({slot: its token ids}) together.
 
         Each chunk's memory was encoded alone, so no slot token has seen another slot: where an
         answer needs several chunks at once (several values of a key, a chain of facts) the
-        model reads them worse than the same chunks pasted together as text. Running the chosen
-        tokens once more over the filled cache (the other tokens' memory as stored, the chosen
-        ones' earlier copies masked out) gives them that cross-slot view, at the cost of a
-        prefill of those tokens only. Needs the slots' token ids (fill(..., token_ids)).
+        model reads them worse than the same chunks pasted together as text. Running those
+        slots' tokens once more over the filled cache (the other slots' memory as stored, the
+        stale copies of the recomputed tokens masked out) gives them that cross-slot view, at
+        the cost of a prefill of those tokens only.
         """
-        positions = sorted(p for p in positions if self.mask[p])
+        positions, ids = [], []
+        for i in sorted(slot_ids):
+            span = self.slot_positions(i)
+            positions += span
+            ids += slot_ids[i][:len(span)]
         if not positions:
             return
         end = self.layout.memory_end
-        ids = []
-        for p in positions:
-            slot = (p - self.layout.prefix_len) // self.layout.slot_len
-            ids.append(self.slot_ids[slot][p - self.layout.slot_start(slot)])
         pos = torch.tensor(positions)
         n = len(positions)
         memory = torch.zeros(end).masked_fill(self.mask == 0, float("-inf")).expand(n, -1).clone()  # no slot bias

@@ -248,10 +248,10 @@ def test_blending_every_slot_token_equals_the_prompt_it_replaces(tiny):
 
     def logits(blend: bool) -> torch.Tensor:
         slots = SlotCache(tiny, prefix_cache, SlotLayout(len(prefix), 2, 5))
-        slots.fill(0, kvs[0], chunks[0])
-        slots.fill(1, kvs[1], chunks[1])
+        slots.fill(0, kvs[0])
+        slots.fill(1, kvs[1])
         if blend:
-            slots.blend([p for i in (0, 1) for p in slots.slot_positions(i)])
+            slots.blend({0: chunks[0], 1: chunks[1]})
             assert slots.cache.get_seq_length() == slots.layout.memory_end  # the recomputed copies are put in place
         return slots.forward(question)[0]
 
