@@ -135,6 +135,7 @@ def answer_times(preset: str, fmt: str, store_root: Path, questions: list[str], 
                 a = answerer.ask(q, retrieve, mode=mode, k=k, max_new_tokens=48, follow=follow)
                 rows.append({"question": q, "mode": mode, "state": state, "total_s": round(a.timings["total_s"], 3),
                              "ttft_s": round(a.timings.get("ttft_s") or 0.0, 3), "tokens": a.timings["tokens"],
+                             "tokens_per_s": a.timings.get("tokens_per_s"), "refills": a.refills,
                              "answer": a.text})
     mem.close()
     shutil.rmtree(kv_dir, ignore_errors=True)
@@ -144,8 +145,15 @@ def answer_times(preset: str, fmt: str, store_root: Path, questions: list[str], 
             sel = [r for r in rows if r["mode"] == mode and r["state"] == state]
             summary[f"{mode}/{state}"] = {"median_total_s": round(statistics.median(r["total_s"] for r in sel), 3),
                                           "median_ttft_s": round(statistics.median(r["ttft_s"] for r in sel), 3),
-                                          "max_ttft_s": max(r["ttft_s"] for r in sel)}
+                                          "max_ttft_s": max(r["ttft_s"] for r in sel),
+                                          "median_decode_tokens_per_s": _median_rate(sel)}
     return {"preset": preset, "format": fmt, "summary": summary, "rows": rows}
+
+
+def _median_rate(rows: list[dict]) -> float | None:
+    """Median decoding rate after the first token, over answers of more than one token."""
+    rates = [r["tokens_per_s"] for r in rows if r["tokens_per_s"]]
+    return round(statistics.median(rates), 2) if rates else None
 
 
 def build_demo_store(root: Path) -> None:
