@@ -22,10 +22,10 @@ import torch
 from transformers import DynamicCache
 
 from bench.qa import DATA, build_store, load_jsonl, score
-from model.answer import Answerer
-from model.backbone import load_backbone
-from model.generate import PromptParts, chunk_token_ids
-from model.memory import cache_arg, last_logits
+from memstore.model.answer import Answerer
+from memstore.model.backbone import load_backbone
+from memstore.model.generate import PromptParts, chunk_token_ids
+from memstore.model.memory import cache_arg, last_logits
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -34,10 +34,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import memstore  # noqa: E402
-from ingest.chunking import Chunker, ChunkerConfig  # noqa: E402
-from ingest.embed import DEFAULT_EMBEDDER, load_embedder  # noqa: E402
-from ingest.loaders import LoadError, load  # noqa: E402
-from ingest.pipeline import discover  # noqa: E402
+from memstore.ingest.chunking import Chunker, ChunkerConfig  # noqa: E402
+from memstore.ingest.embed import DEFAULT_EMBEDDER, load_embedder  # noqa: E402
+from memstore.ingest.loaders import LoadError, load  # noqa: E402
+from memstore.ingest.pipeline import discover  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 GLOB = "*.html"

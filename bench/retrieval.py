@@ -49,9 +49,9 @@ import numpy as np
 from sqlalchemy import select
 
 import memstore
-from memstore import lexical
+from memstore.store import lexical
 from memstore.api import RERANK_CANDIDATES, RERANK_WEIGHT
-from memstore.schema import Chunk, Document
+from memstore.store.schema import Chunk, Document
 from memstore.store import HYBRID_CANDIDATES, ChunkIn, DocumentIn, MemoryStore
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "newwiki_longdoc"

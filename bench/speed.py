@@ -58,7 +58,7 @@ def _seconds(fn) -> float:
 
 def weight_bytes_per_token(model) -> int:
     """Bytes of the matrices one decoding step reads: every Linear (the LM head included), in its format."""
-    from model.quant import Int8Linear
+    from memstore.model.quant import Int8Linear
 
     total = 0
     for m in model.modules():
@@ -72,9 +72,9 @@ def weight_bytes_per_token(model) -> int:
 @torch.no_grad()
 def model_speed(preset: str, fmt: str, text_ids: list[int], chunk_ids: list[list[int]],
                 reference: torch.Tensor | None) -> dict:
-    from model.backbone import load_backbone
-    from model.generate import Decoder, PromptParts
-    from model.memory import cache_arg, last_logits
+    from memstore.model.backbone import load_backbone
+    from memstore.model.generate import Decoder, PromptParts
+    from memstore.model.memory import cache_arg, last_logits
     from transformers import DynamicCache
 
     started = time.perf_counter()
@@ -113,8 +113,8 @@ def model_speed(preset: str, fmt: str, text_ids: list[int], chunk_ids: list[list
 def answer_times(preset: str, fmt: str, store_root: Path, questions: list[str], k: int = 4) -> dict:
     """Cold (no chunk's KV memory encoded yet) and warm (second ask) answer times per mode, model loaded."""
     import memstore
-    from model.answer import Answerer
-    from model.backbone import load_backbone
+    from memstore.model.answer import Answerer
+    from memstore.model.backbone import load_backbone
 
     store = store_root / "store"
     mem = memstore.open(store, create=False)
@@ -165,7 +165,7 @@ def build_demo_store(root: Path) -> None:
 
 
 def measure(args) -> dict:
-    from model.quant import probe
+    from memstore.model.quant import probe
 
     torch.manual_seed(0)
     text = json.loads(TEXT.open().readline())["text"]
@@ -173,7 +173,7 @@ def measure(args) -> dict:
            "read_bandwidth_gbs": round(read_bandwidth_gbs(), 2), "probe": probe().__dict__, "models": [],
            "answers": []}
     bandwidth = out["read_bandwidth_gbs"] * 1e9
-    from model.backbone import load_backbone
+    from memstore.model.backbone import load_backbone
 
     for preset in args.presets:
         tok = load_backbone(preset, weights="float32").tokenizer

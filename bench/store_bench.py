@@ -25,7 +25,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from memstore.index import IndexConfig
+from memstore.store.index import IndexConfig
 from memstore.store import ChunkIn, DocumentIn, MemoryStore
 
 DIM = 384

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from ingest.loaders import Block
+from memstore.ingest.loaders import Block
 from memstore.store import ChunkIn
 
 SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from ingest.chunking import Chunker, ChunkerConfig
-from ingest.embed import Embedder
-from ingest.loaders import LoadError, Unsupported, codec_name, load, one_line
+from memstore.ingest.chunking import Chunker, ChunkerConfig
+from memstore.ingest.embed import Embedder
+from memstore.ingest.loaders import LoadError, Unsupported, codec_name, load, one_line
 from memstore.errors import MemstoreError
 from memstore.store import ChunkIn, DocumentIn, MemoryStore
 

@@ -7,7 +7,7 @@ import queue
 import threading
 from collections.abc import Iterator
 
-from ingest.embed import EmbedderNotFound
+from memstore.ingest.embed import EmbedderNotFound
 from memstore.errors import MemstoreError
 
 log = logging.getLogger("memstore.server")

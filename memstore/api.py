@@ -10,23 +10,23 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy.exc import DBAPIError
 
-from ingest.chunking import Chunker, ChunkerConfig
-from ingest.embed import (
+from memstore.ingest.chunking import Chunker, ChunkerConfig
+from memstore.ingest.embed import (
     DEFAULT_EMBEDDER,
     RERANKER,
     Embedder,
     load_embedder,
     resolve_embedder_path,
 )
-from ingest.loaders import markdown_blocks, storable
-from ingest.pipeline import Ingestor
-from memstore import lexical
+from memstore.ingest.loaders import markdown_blocks, storable
+from memstore.ingest.pipeline import Ingestor
+from memstore.store import lexical
 from memstore.errors import EmbedderMismatchError, MemstoreError
-from memstore.index import IndexConfig
+from memstore.store.index import IndexConfig
 from memstore.settings import ANSWER_TOKENS, TOP_K
 from memstore.store import Candidates, DocumentIn, Hit, MemoryStore
-from model.backbone import DEFAULT_MODEL
-from model.generate import FOLLOW_SLOTS
+from memstore.model.backbone import DEFAULT_MODEL
+from memstore.model.generate import FOLLOW_SLOTS
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +259,8 @@ class Memory:
 
     def _answerer(self, model: str, budget_gib: float | None = None):
         """The model's Answerer, loaded once, with the KV budget given or else the store's."""
-        from model.answer import Answerer
-        from model.backbone import load_backbone
+        from memstore.model.answer import Answerer
+        from memstore.model.backbone import load_backbone
 
         if model not in self._answerers:
             self._answerers[model] = Answerer(load_backbone(model), self.store.kv_dir)

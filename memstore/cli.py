@@ -35,7 +35,7 @@ def friendly_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from ingest.embed import EmbedderNotFound
+        from memstore.ingest.embed import EmbedderNotFound
 
         try:
             return fn(*args, **kwargs)
@@ -384,9 +384,9 @@ def serve_while_building(store: str, files: list, host: str, port: int, model: s
 
     import uvicorn
 
-    from ingest.loaders import one_line
+    from memstore.ingest.loaders import one_line
     from memstore.server import Readiness, create_app
-    from model.backbone import DEFAULT_MODEL
+    from memstore.model.backbone import DEFAULT_MODEL
 
     say = functools.partial(click.echo, err=True)
     readiness = Readiness(model or DEFAULT_MODEL)
@@ -450,7 +450,7 @@ def db():
 
 
 def _engine(store: str, data_dir: str | None):
-    from memstore import db as dbmod
+    from memstore.store import db as dbmod
     from memstore.errors import NotAStoreError
     from memstore.store import DB_FILE, resolve_target
 
@@ -467,7 +467,7 @@ def _engine(store: str, data_dir: str | None):
 @friendly_errors
 def upgrade(store, data_dir, as_json):
     """Upgrade the schema to the newest revision."""
-    from memstore import db as dbmod
+    from memstore.store import db as dbmod
 
     engine = _engine(store, data_dir)
     before = dbmod.current_revision(engine)
@@ -482,7 +482,7 @@ def upgrade(store, data_dir, as_json):
 @friendly_errors
 def current(store, data_dir, as_json):
     """Show the schema revision of the store and the newest one this memstore knows."""
-    from memstore import db as dbmod
+    from memstore.store import db as dbmod
 
     engine = _engine(store, data_dir)
     info = {"current": dbmod.current_revision(engine), "head": dbmod.head_revision(engine)}

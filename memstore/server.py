@@ -22,7 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ingest.embed import EmbedderNotFound
+from memstore.ingest.embed import EmbedderNotFound
 from memstore.api import Memory
 from memstore.answer_stream import answer_events
 from memstore.errors import MemstoreError
@@ -152,7 +152,7 @@ def create_app(memory: Memory, *, default_model: str | None = None, models: list
     (the examples' chunks first); /stats then reports how much of it is warm.
     readiness: the store is still being built and the model loaded (see Readiness); /stats says
     how far, and answers wait for the model."""
-    from model.backbone import DEFAULT_MODEL, PRESETS
+    from memstore.model.backbone import DEFAULT_MODEL, PRESETS
 
     default_model = default_model or DEFAULT_MODEL
     allowed = list(dict.fromkeys([default_model, *(models or PRESETS)]))
@@ -233,7 +233,7 @@ def create_app(memory: Memory, *, default_model: str | None = None, models: list
 
     @app.get("/models", summary="Models this server can answer with")
     def list_models() -> dict:
-        from model.backbone import preset_status
+        from memstore.model.backbone import preset_status
 
         presets = {p["name"]: p for p in preset_status()}
         return {"default": default_model,

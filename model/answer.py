@@ -8,9 +8,9 @@ from typing import Callable
 
 import numpy as np
 
-from memstore.kv import KVMemory, bytes_per_token
+from memstore.store.kv import KVMemory, bytes_per_token
 from memstore.settings import ANSWER_TOKENS, TOP_K
-from model.generate import Decoder, Generation, PromptParts
+from memstore.model.generate import Decoder, Generation, PromptParts
 
 MODES = ("memory", "rag", "truncate", "full")
 # int8 KV memory answers exactly like fp16 (bench/kv_precision.py: 40/40 identical answers with

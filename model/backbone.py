@@ -36,7 +36,7 @@ import torch
 
 from memstore.errors import MemstoreError
 from memstore.paths import models_dir
-from model.quant import chosen_format, probe, quantize_int8
+from memstore.model.quant import chosen_format, probe, quantize_int8
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from memstore.lexical import STOPWORDS, query_terms
+from memstore.store.lexical import STOPWORDS, query_terms
 from memstore.settings import ANSWER_TOKENS
-from model.memory import SlotCache, SlotLayout, cache_arg, crop_to, encode_chunks, last_logits, prefill
+from memstore.model.memory import SlotCache, SlotLayout, cache_arg, crop_to, encode_chunks, last_logits, prefill
 
 SYSTEM = "Answer the question with a short phrase taken from the documents."
 # Added to the attention logits onto every memory slot but the best-ranked chunk's (their

@@ -59,6 +59,6 @@ def store_target(request, tmp_path):
 
 @pytest.fixture(scope="session")
 def embedder():
-    from ingest.embed import load_embedder
+    from memstore.ingest.embed import load_embedder
 
     return load_embedder()

@@ -4,8 +4,8 @@ fails with a LoadError (a clean per-file reason). Nothing else may escape."""
 import tempfile
 from pathlib import Path
 
-from ingest.chunking import MAX_CHARS_PER_TOKEN, Chunker, ChunkerConfig
-from ingest.loaders import UNSTORABLE, Block, LoadError, load
+from memstore.ingest.chunking import MAX_CHARS_PER_TOKEN, Chunker, ChunkerConfig
+from memstore.ingest.loaders import UNSTORABLE, Block, LoadError, load
 
 SIZE, OVERLAP = 32, 8
 SUFFIXES = [".txt", ".md", ".rst", ".html", ".pdf", ""]

@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from model import backbone
-from model.backbone import PRESETS, Backbone, BackboneNotFound, Preset, default_dtype, load_backbone
+from memstore.model import backbone
+from memstore.model.backbone import PRESETS, Backbone, BackboneNotFound, Preset, default_dtype, load_backbone
 
 
 @pytest.fixture(scope="session")

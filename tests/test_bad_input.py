@@ -9,9 +9,9 @@ from sqlalchemy.exc import OperationalError
 
 import memstore
 from conftest import PG_ADMIN_URL
-from ingest import loaders, pipeline
-from ingest.chunking import MAX_CHARS_PER_TOKEN, Chunker, ChunkerConfig
-from ingest.loaders import Block, LoadError, load
+from memstore.ingest import loaders, pipeline
+from memstore.ingest.chunking import MAX_CHARS_PER_TOKEN, Chunker, ChunkerConfig
+from memstore.ingest.loaders import Block, LoadError, load
 from memstore.cli import main
 from zoo import cli
 from zoo import needle_found as found

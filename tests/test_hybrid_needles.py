@@ -6,7 +6,7 @@ import re
 import pytest
 
 import memstore
-from ingest.loaders import load
+from memstore.ingest.loaders import load
 from memstore.demo import bundled_pages
 
 PEOPLE = ["Anselm Drury", "Odile Varga", "Kasimir Holt", "Yusra Penhale", "Thaddeus Mbeki", "Imogen Strand",

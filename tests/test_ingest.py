@@ -38,7 +38,7 @@ def test_ingest_search_and_incremental_reingest(corpus, tmp_path):
         assert first["chunks_added"] > 50
         hits = mem.search("Does VACUUM rebuild the database file?", k=3)
         assert hits[0].source.endswith("lang_vacuum.html")
-        doc_text = "".join(b.text for b in __import__("ingest.loaders", fromlist=["load"]).load(corpus / "lang_vacuum.html").blocks)
+        doc_text = "".join(b.text for b in __import__("memstore.ingest.loaders", fromlist=["load"]).load(corpus / "lang_vacuum.html").blocks)
         assert doc_text[hits[0].char_start:hits[0].char_end] == hits[0].text
 
         again = mem.ingest(corpus)
@@ -136,8 +136,8 @@ def test_kill_9_during_ingest_then_rerun_equals_uninterrupted_run(corpus, tmp_pa
 def test_a_large_document_is_streamed_batch_by_batch(tmp_path, monkeypatch):
     """Past STREAM_AFTER chunks a document is embedded and written in batches inside one
     transaction, and past PENDING_LIMIT its vectors reach FAISS from SQL, not from memory."""
-    from ingest import pipeline
-    from memstore import store as store_module
+    from memstore.ingest import pipeline
+    from memstore.store import memory_store as store_module
 
     monkeypatch.setattr(pipeline, "STREAM_AFTER", 4)
     monkeypatch.setattr(pipeline, "EMBED_BUFFER", 2)

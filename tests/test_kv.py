@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from memstore.kv import KVMemory, bytes_per_token, dequantize, drop_chunks, quantize_int8
+from memstore.store.kv import KVMemory, bytes_per_token, dequantize, drop_chunks, quantize_int8
 
 
 def kv_like(seed=0, tokens=37):

@@ -5,8 +5,8 @@ from alembic import command
 from sqlalchemy import text
 
 from conftest import unit_vectors
-from memstore import db
-from memstore import store as store_module
+from memstore.store import db
+from memstore.store import memory_store as store_module
 from memstore.store import ChunkIn, DocumentIn, MemoryStore
 
 DIM = 16
@@ -52,7 +52,7 @@ def test_hybrid_keeps_the_lexical_winner(store):
 def test_names_side_by_side_beat_the_same_names_apart(store):
     """Two-word phrases of the query: the chunk naming "Ferdinand Vintersol" wins over a chunk that
     has more of the query's words, but Ferdinand and Vintersol as parts of two other names."""
-    from memstore import lexical
+    from memstore.store import lexical
 
     add(store, "band.txt", ["Ferdinand Vintersol plays the bassoon in a band called The Moorcroft Owls.",
                             "Ferdinand Lindqvist plays the bassoon in a band, and so does Anselm Vintersol: "
@@ -68,7 +68,7 @@ def test_names_side_by_side_beat_the_same_names_apart(store):
 def test_common_terms_only_rank_chunks_that_hold_a_rare_one(store, monkeypatch):
     """With a term in more than COMMON_DF chunks, only chunks holding a rarer term are ranked, with
     the same bm25 score as in a full ranking; a query of common terms alone still ranks them all."""
-    from memstore import lexical
+    from memstore.store import lexical
 
     if store.engine.dialect.name != "sqlite":
         pytest.skip("PostgreSQL ranks every match")
@@ -202,7 +202,7 @@ LOCK_QUESTION = "What is Ingrid Vasquez's bicycle lock code?"
 
 
 def test_every_candidate_is_scored_by_both_sides(lock_store):
-    from memstore import lexical
+    from memstore.store import lexical
 
     scored = lock_store.hybrid_scores(QUERY_VECTOR, LOCK_QUESTION, 3)
     assert len(scored.dense_top) == len(scored.lexical_top) == 3
@@ -243,6 +243,6 @@ def test_the_exact_match_rule_needs_a_single_holder_of_the_rare_words(lock_store
 
 
 def lexical_full(scored):
-    from memstore import lexical
+    from memstore.store import lexical
 
     return lexical.full_score_fusion(scored.dense, scored.lexical)

@@ -4,8 +4,8 @@ import tracemalloc
 import pytest
 
 from conftest import SQLITE_DOC
-from ingest.chunking import Chunker, ChunkerConfig
-from ingest.loaders import LoadError, Unsupported, load, markdown_blocks, rst_blocks
+from memstore.ingest.chunking import Chunker, ChunkerConfig
+from memstore.ingest.loaders import LoadError, Unsupported, load, markdown_blocks, rst_blocks
 
 
 def text_of(blocks):

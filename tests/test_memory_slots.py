@@ -9,10 +9,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import unit_vectors
-from memstore.kv import KVMemory
+from memstore.store.kv import KVMemory
 from memstore.store import ChunkIn, DocumentIn, MemoryStore
-from model.generate import AnswerReader, Decoder, Turn, asks_for_several
-from model.memory import (SlotCache, SlotLayout, cache_arg, encode_chunks, prefill, rope_cos_sin, rotate,
+from memstore.model.generate import AnswerReader, Decoder, Turn, asks_for_several
+from memstore.model.memory import (SlotCache, SlotLayout, cache_arg, encode_chunks, prefill, rope_cos_sin, rotate,
                           unrotate)
 
 

@@ -3,7 +3,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import inspect, text
 
-from memstore import db
+from memstore.store import db
 from memstore.cli import main
 from memstore.errors import SchemaTooNewError
 from memstore.store import MemoryStore

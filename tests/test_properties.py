@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from contract import SUFFIXES, assert_chunks_quote, loaded_text, loaded_with_encoding
-from ingest.loaders import Block
+from memstore.ingest.loaders import Block
 from zoo import pdf_bytes
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import memstore
-from model.answer import Answerer
-from model.backbone import load_backbone
-from model.quant import Int8Linear, chosen_format, probe, quantize_int8
+from memstore.model.answer import Answerer
+from memstore.model.backbone import load_backbone
+from memstore.model.quant import Int8Linear, chosen_format, probe, quantize_int8
 
 # What an AVX2-only CPU looks like to torch, oneDNN and MKL on a newer one: bfloat16 is emulated.
 AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
@@ -68,7 +68,7 @@ def test_quantized_memory_mode_reproduces_its_rag_answer(tmp_path):
 
 
 def _probe_in(env: dict, cache) -> dict:
-    code = ("import json; from model.quant import probe, chosen_format; p = probe(); "
+    code = ("import json; from memstore.model.quant import probe, chosen_format; p = probe(); "
             "print(json.dumps({'compute': p.compute_dtype, 'rows': p.max_kernel_rows, 'auto': chosen_format('auto')[0]}))")
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env, "MEMSTORE_CACHE": str(cache)}, capture_output=True, text=True,
                           check=True)

@@ -7,9 +7,9 @@ import pytest
 from click.testing import CliRunner
 
 import memstore
-from ingest import embed
-from ingest.embed import RERANKER, EmbedderNotFound
-from memstore import lexical
+from memstore.ingest import embed
+from memstore.ingest.embed import RERANKER, EmbedderNotFound
+from memstore.store import lexical
 from memstore.cli import main
 from memstore.store import Candidates
 

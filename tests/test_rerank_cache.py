@@ -5,7 +5,7 @@ from alembic import command
 from sqlalchemy import inspect, text
 
 from conftest import unit_vectors
-from memstore import db
+from memstore.store import db
 from memstore.store import ChunkIn, DocumentIn, MemoryStore
 
 DIM = 16

@@ -5,8 +5,8 @@ from memstore import cli, settings
 from memstore.api import Memory
 from memstore.openai_api import ChatRequest
 from memstore.server import AskRequest
-from model.answer import Answerer
-from model.generate import Decoder
+from memstore.model.answer import Answerer
+from memstore.model.generate import Decoder
 
 
 def _default(func, name):

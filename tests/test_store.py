@@ -4,7 +4,7 @@ import pytest
 
 from conftest import unit_vectors
 from memstore.errors import EmbedderMismatchError, IndexCorruptError, NotAStoreError, UnknownFilterError
-from memstore.index import IndexConfig, VectorIndex
+from memstore.store.index import IndexConfig, VectorIndex
 from memstore.store import ChunkIn, DocumentIn, MemoryStore
 
 DIM = 16

@@ -23,7 +23,7 @@ with atheris.instrument_imports():
     import bs4  # noqa: F401 - instrumented so coverage guides the fuzzer through the parsers too
     import pypdf  # noqa: F401
 
-    from ingest import chunking, loaders  # noqa: F401
+    from memstore.ingest import chunking, loaders  # noqa: F401
     from contract import kind_and_body, loaded_with_encoding
 
 _tokenizer = None
@@ -32,7 +32,7 @@ _tokenizer = None
 def tokenizer():
     global _tokenizer
     if _tokenizer is None:
-        from ingest.embed import load_embedder
+        from memstore.ingest.embed import load_embedder
 
         _tokenizer = load_embedder().tokenizer
     return _tokenizer

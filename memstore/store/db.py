@@ -9,9 +9,10 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 
+from memstore import migrations
 from memstore.errors import SchemaTooNewError
 
-MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+MIGRATIONS_DIR = Path(migrations.__file__).parent  # the Alembic environment: migrations/ in the repository
 
 
 def is_url(target: str) -> bool:

@@ -2,7 +2,7 @@
 from alembic import context
 from sqlalchemy import create_engine
 
-from memstore.schema import Base
+from memstore.store.schema import Base
 
 config = context.config
 

@@ -26,13 +26,13 @@ from sqlalchemy import Connection, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql as postgresql_dialect, sqlite as sqlite_dialect
 from sqlalchemy.engine import URL
 
-from memstore import db, kv, lexical
+from memstore.store import db, kv, lexical
 from memstore.errors import (
     EmbedderMismatchError, IndexCorruptError, MemstoreError, NotAStoreError, StoreLockedError,
     UnknownFilterError,
 )
-from memstore.index import EXACT, IndexConfig, VectorIndex
-from memstore.schema import Chunk, Document, IngestRun, RerankVector, Setting, utcnow
+from memstore.store.index import EXACT, IndexConfig, VectorIndex
+from memstore.store.schema import Chunk, Document, IngestRun, RerankVector, Setting, utcnow
 
 DB_FILE = "memstore.db"
 INDEX_FILE = "vectors.faiss"

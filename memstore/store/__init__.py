@@ -1,0 +1,17 @@
+"""The storage layer: SQL metadata (schema, db), the FAISS index, lexical search, the KV memory,
+and MemoryStore over them. It imports nothing from memstore.ingest, memstore.model or the
+application modules (api, cli, server)."""
+from memstore.store.memory_store import (
+    DB_FILE,
+    HYBRID_CANDIDATES,
+    Candidates,
+    ChunkIn,
+    DocumentIn,
+    Hit,
+    HybridScores,
+    MemoryStore,
+    resolve_target,
+)
+
+__all__ = ["DB_FILE", "HYBRID_CANDIDATES", "Candidates", "ChunkIn", "DocumentIn", "Hit", "HybridScores", "MemoryStore",
+           "resolve_target"]
