@@ -34,13 +34,13 @@ from sqlalchemy import select
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from retrieval import TEMPLATES, make_needles  # noqa: E402
+
 import memstore  # noqa: E402
 from memstore.ingest.chunking import Chunker, ChunkerConfig  # noqa: E402
 from memstore.ingest.loaders import load, markdown_blocks  # noqa: E402
-from memstore import lexical  # noqa: E402
+from memstore.store import HYBRID_CANDIDATES, ChunkIn, DocumentIn, HybridScores, MemoryStore, lexical  # noqa: E402
 from memstore.store.schema import Chunk  # noqa: E402
-from memstore.store import HYBRID_CANDIDATES, ChunkIn, DocumentIn, HybridScores, MemoryStore  # noqa: E402
-from retrieval import TEMPLATES, make_needles  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NEWWIKI = ROOT.parent / "shared" / "data" / "newwiki_longdoc.docs.jsonl"

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from bench.qa import DATA, build_store, load_jsonl, score
-from memstore.store.kv import bytes_per_token
 from memstore.model.answer import Answerer
+from memstore.store.kv import bytes_per_token
 
 
 def main() -> None:

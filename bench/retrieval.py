@@ -49,10 +49,9 @@ import numpy as np
 from sqlalchemy import select
 
 import memstore
-from memstore.store import lexical
 from memstore.api import RERANK_CANDIDATES, RERANK_WEIGHT
+from memstore.store import HYBRID_CANDIDATES, ChunkIn, DocumentIn, MemoryStore, lexical
 from memstore.store.schema import Chunk, Document
-from memstore.store import HYBRID_CANDIDATES, ChunkIn, DocumentIn, MemoryStore
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "newwiki_longdoc"
 MODES = {"dense": {"mode": "dense"}, "lexical": {"mode": "lexical"}, "hybrid": {"mode": "hybrid"},
@@ -271,7 +270,7 @@ TEMPLATES = [  # (fact, question); {a} the person, {b} another person, {w} a wor
 
 
 def make_needles(n: int, rng: random.Random, templates: list[tuple[str, str]] = TEMPLATES) -> list[dict]:
-    people = rng.sample([f"{f} {l}" for f in FIRST for l in LAST], 2 * n)
+    people = rng.sample([f"{first} {last}" for first in FIRST for last in LAST], 2 * n)
     out = []
     for i in range(n):
         fact, question = templates[i % len(templates)]

@@ -72,10 +72,11 @@ def weight_bytes_per_token(model) -> int:
 @torch.no_grad()
 def model_speed(preset: str, fmt: str, text_ids: list[int], chunk_ids: list[list[int]],
                 reference: torch.Tensor | None) -> dict:
+    from transformers import DynamicCache
+
     from memstore.model.backbone import load_backbone
     from memstore.model.generate import Decoder, PromptParts
     from memstore.model.memory import cache_arg, last_logits
-    from transformers import DynamicCache
 
     started = time.perf_counter()
     b = load_backbone(preset, weights=fmt)

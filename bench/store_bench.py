@@ -25,8 +25,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from memstore.store.index import IndexConfig
 from memstore.store import ChunkIn, DocumentIn, MemoryStore
+from memstore.store.index import IndexConfig
 
 DIM = 384
 DOC_CHUNKS = 1000

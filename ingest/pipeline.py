@@ -18,10 +18,10 @@ from pathlib import Path
 
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
+from memstore.errors import MemstoreError
 from memstore.ingest.chunking import Chunker, ChunkerConfig
 from memstore.ingest.embed import Embedder
 from memstore.ingest.loaders import LoadError, Unsupported, codec_name, load, one_line
-from memstore.errors import MemstoreError
 from memstore.store import ChunkIn, DocumentIn, MemoryStore
 
 log = logging.getLogger("memstore.ingest")

@@ -7,8 +7,8 @@ import queue
 import threading
 from collections.abc import Iterator
 
-from memstore.ingest.embed import EmbedderNotFound
 from memstore.errors import MemstoreError
+from memstore.ingest.embed import EmbedderNotFound
 
 log = logging.getLogger("memstore.server")
 

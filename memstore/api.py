@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy.exc import DBAPIError
 
+from memstore.errors import EmbedderMismatchError, MemstoreError
 from memstore.ingest.chunking import Chunker, ChunkerConfig
 from memstore.ingest.embed import (
     DEFAULT_EMBEDDER,
@@ -20,13 +21,11 @@ from memstore.ingest.embed import (
 )
 from memstore.ingest.loaders import markdown_blocks, storable
 from memstore.ingest.pipeline import Ingestor
-from memstore.store import lexical
-from memstore.errors import EmbedderMismatchError, MemstoreError
-from memstore.store.index import IndexConfig
-from memstore.settings import ANSWER_TOKENS, TOP_K
-from memstore.store import Candidates, DocumentIn, Hit, MemoryStore
 from memstore.model.backbone import DEFAULT_MODEL
 from memstore.model.generate import FOLLOW_SLOTS
+from memstore.settings import ANSWER_TOKENS, TOP_K
+from memstore.store import Candidates, DocumentIn, Hit, MemoryStore, lexical
+from memstore.store.index import IndexConfig
 
 log = logging.getLogger(__name__)
 

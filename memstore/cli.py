@@ -385,8 +385,8 @@ def serve_while_building(store: str, files: list, host: str, port: int, model: s
     import uvicorn
 
     from memstore.ingest.loaders import one_line
-    from memstore.server import Readiness, create_app
     from memstore.model.backbone import DEFAULT_MODEL
+    from memstore.server import Readiness, create_app
 
     say = functools.partial(click.echo, err=True)
     readiness = Readiness(model or DEFAULT_MODEL)
@@ -450,9 +450,9 @@ def db():
 
 
 def _engine(store: str, data_dir: str | None):
-    from memstore.store import db as dbmod
     from memstore.errors import NotAStoreError
     from memstore.store import DB_FILE, resolve_target
+    from memstore.store import db as dbmod
 
     url, _ = resolve_target(store, data_dir)
     if url.startswith("sqlite:///") and not os.path.exists(url[len("sqlite:///"):]):

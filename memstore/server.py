@@ -22,10 +22,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from memstore.ingest.embed import EmbedderNotFound
-from memstore.api import Memory
 from memstore.answer_stream import answer_events
+from memstore.api import Memory
 from memstore.errors import MemstoreError
+from memstore.ingest.embed import EmbedderNotFound
 from memstore.openai_api import add_openai_routes
 from memstore.settings import ANSWER_TOKENS, TOP_K
 

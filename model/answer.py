@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
 
-from memstore.store.kv import KVMemory, bytes_per_token
-from memstore.settings import ANSWER_TOKENS, TOP_K
 from memstore.model.generate import Decoder, Generation, PromptParts
+from memstore.settings import ANSWER_TOKENS, TOP_K
+from memstore.store.kv import KVMemory, bytes_per_token
 
 MODES = ("memory", "rag", "truncate", "full")
 # int8 KV memory answers exactly like fp16 (bench/kv_precision.py: 40/40 identical answers with

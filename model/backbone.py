@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 from memstore.errors import MemstoreError
-from memstore.paths import models_dir
 from memstore.model.quant import chosen_format, probe, quantize_int8
+from memstore.paths import models_dir
 
 log = logging.getLogger(__name__)
 

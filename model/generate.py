@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 
-from memstore.store.lexical import STOPWORDS, query_terms
-from memstore.settings import ANSWER_TOKENS
 from memstore.model.memory import SlotCache, SlotLayout, cache_arg, crop_to, encode_chunks, last_logits, prefill
+from memstore.settings import ANSWER_TOKENS
+from memstore.store.lexical import STOPWORDS, query_terms
 
 SYSTEM = "Answer the question with a short phrase taken from the documents."
 # Added to the attention logits onto every memory slot but the best-ranked chunk's (their

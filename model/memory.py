@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-
 # ---- RoPE helpers ----------------------------------------------------------------------------
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -143,7 +143,7 @@ def _probe_once() -> Probe:
 def _measure() -> Probe:
     torch.manual_seed(0)
     weight = torch.randn(4096, 1024)
-    dense_ms = {name: {rows: _time(lambda x, w=weight.to(dtype): F.linear(x, w), rows, dtype) for rows in ROWS}
+    dense_ms = {name: {rows: _time(lambda x, w=weight.to(dtype): F.linear(x, w), rows, dtype) for rows in ROWS}  # noqa: B008 - bound per dtype on purpose
                 for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
     # bfloat16 only where it clearly wins on a prompt-sized matmul (it is emulated, and slower, without
     # native support); float32 otherwise

@@ -5,16 +5,16 @@ import os
 import psycopg
 import pytest
 from click.testing import CliRunner
+from conftest import PG_ADMIN_URL
 from sqlalchemy.exc import OperationalError
+from zoo import cli
+from zoo import needle_found as found
 
 import memstore
-from conftest import PG_ADMIN_URL
+from memstore.cli import main
 from memstore.ingest import loaders, pipeline
 from memstore.ingest.chunking import MAX_CHARS_PER_TOKEN, Chunker, ChunkerConfig
 from memstore.ingest.loaders import Block, LoadError, load
-from memstore.cli import main
-from zoo import cli
-from zoo import needle_found as found
 
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 

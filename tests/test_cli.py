@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import SQLITE_DOC
+
 from memstore.cli import main
 
 README = Path(__file__).parent.parent / "README.md"

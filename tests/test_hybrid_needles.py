@@ -6,8 +6,8 @@ import re
 import pytest
 
 import memstore
-from memstore.ingest.loaders import load
 from memstore.demo import bundled_pages
+from memstore.ingest.loaders import load
 
 PEOPLE = ["Anselm Drury", "Odile Varga", "Kasimir Holt", "Yusra Penhale", "Thaddeus Mbeki", "Imogen Strand",
           "Ferdinand Oyelaran", "Zofia Wexford", "Caspian Lund", "Henrike Sato"]

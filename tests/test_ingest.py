@@ -10,9 +10,9 @@ import time
 
 import numpy as np
 import pytest
+from conftest import SQLITE_DOC
 
 import memstore
-from conftest import SQLITE_DOC
 
 
 @pytest.fixture

@@ -2,12 +2,11 @@
 import numpy as np
 import pytest
 from alembic import command
+from conftest import unit_vectors
 from sqlalchemy import text
 
-from conftest import unit_vectors
-from memstore.store import db
+from memstore.store import ChunkIn, DocumentIn, MemoryStore, db
 from memstore.store import memory_store as store_module
-from memstore.store import ChunkIn, DocumentIn, MemoryStore
 
 DIM = 16
 FILLER = [

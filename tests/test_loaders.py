@@ -2,8 +2,8 @@
 import tracemalloc
 
 import pytest
-
 from conftest import SQLITE_DOC
+
 from memstore.ingest.chunking import Chunker, ChunkerConfig
 from memstore.ingest.loaders import LoadError, Unsupported, load, markdown_blocks, rst_blocks
 

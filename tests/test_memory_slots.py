@@ -6,14 +6,22 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import unit_vectors
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import unit_vectors
-from memstore.store.kv import KVMemory
-from memstore.store import ChunkIn, DocumentIn, MemoryStore
 from memstore.model.generate import AnswerReader, Decoder, Turn, asks_for_several
-from memstore.model.memory import (SlotCache, SlotLayout, cache_arg, encode_chunks, prefill, rope_cos_sin, rotate,
-                          unrotate)
+from memstore.model.memory import (
+    SlotCache,
+    SlotLayout,
+    cache_arg,
+    encode_chunks,
+    prefill,
+    rope_cos_sin,
+    rotate,
+    unrotate,
+)
+from memstore.store import ChunkIn, DocumentIn, MemoryStore
+from memstore.store.kv import KVMemory
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +144,8 @@ def test_answer_reader_follows_new_terms_only():
         return [staff, other, home]
 
     reader = AnswerReader("Where was Ingrid Halvorsen's manager born?", follow, n_slots=2)
-    held = lambda *chunks: {c["chunk_id"]: c["text"] for c in chunks}
+    def held(*chunks):
+        return {c["chunk_id"]: c["text"] for c in chunks}
     assert reader.read("Ingrid Halvorsen's manager", held(staff)) is None and not asked  # the question's words move nothing
     assert reader.read("Ingrid Halvorsen's manager Tobias", held(staff)) is None and not asked  # "Tobias" may still grow
     # held staff is not brought in again but loses its bias; other lacks "tobias": home comes in
@@ -276,7 +285,8 @@ def test_memory_mode_blends_the_slots_of_chunks_close_to_the_best(tiny):
             [c["text"] for c in chunks], prefix), k=3, max_new_tokens=2, retrieve_every=0)
         return gen.timings.get("blended_tokens", 0)
 
-    tokens = lambda c: len(c["text"]) + 2  # FakeTokenizer: a token per character, and the separator's two
+    def tokens(c):
+        return len(c["text"]) + 2  # FakeTokenizer: a token per character, and the separator's two
     assert blended([best, near, far]) == tokens(best) + tokens(near)
     assert blended([best, far]) == 0
     assert blended([best, near], blend=False) == 0

@@ -3,10 +3,9 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import inspect, text
 
-from memstore.store import db
 from memstore.cli import main
 from memstore.errors import SchemaTooNewError
-from memstore.store import MemoryStore
+from memstore.store import MemoryStore, db
 
 
 def test_upgrade_creates_schema_on_empty_sqlite(tmp_path):

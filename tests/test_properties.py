@@ -2,12 +2,12 @@
 held to the contract in tests/contract.py."""
 import codecs
 
+from contract import SUFFIXES, assert_chunks_quote, loaded_text, loaded_with_encoding
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from contract import SUFFIXES, assert_chunks_quote, loaded_text, loaded_with_encoding
-from memstore.ingest.loaders import Block
 from zoo import pdf_bytes
+
+from memstore.ingest.loaders import Block
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MARKUP = st.text(alphabet=st.sampled_from(list("<>/!-=#*`~'\"&;:.? \n\r\tabcpdivhl1é日\u200b\x00")), max_size=600)

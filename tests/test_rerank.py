@@ -7,11 +7,10 @@ import pytest
 from click.testing import CliRunner
 
 import memstore
+from memstore.cli import main
 from memstore.ingest import embed
 from memstore.ingest.embed import RERANKER, EmbedderNotFound
-from memstore.store import lexical
-from memstore.cli import main
-from memstore.store import Candidates
+from memstore.store import Candidates, lexical
 
 DOCS = {
     "garden.md": "Plants for sale: our garden shop opens at nine. Food for plants, light bulbs for plants and "

@@ -2,11 +2,10 @@
 import numpy as np
 import pytest
 from alembic import command
+from conftest import unit_vectors
 from sqlalchemy import inspect, text
 
-from conftest import unit_vectors
-from memstore.store import db
-from memstore.store import ChunkIn, DocumentIn, MemoryStore
+from memstore.store import ChunkIn, DocumentIn, MemoryStore, db
 
 DIM = 16
 MODEL = "test-reranker"

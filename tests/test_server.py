@@ -13,9 +13,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from conftest import SQLITE_DOC
-
 
 SCRIPT_DOC = ("# Widget notes\n\nThe widget's colour is teal, and its serial prefix is QX-77. "
               "<script>window.pwned = 1</script> <img src=x onerror=\"window.pwned = 2\">\n")

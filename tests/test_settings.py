@@ -3,10 +3,10 @@ import inspect
 
 from memstore import cli, settings
 from memstore.api import Memory
-from memstore.openai_api import ChatRequest
-from memstore.server import AskRequest
 from memstore.model.answer import Answerer
 from memstore.model.generate import Decoder
+from memstore.openai_api import ChatRequest
+from memstore.server import AskRequest
 
 
 def _default(func, name):

@@ -1,11 +1,10 @@
 """The storage core on real SQLite and PostgreSQL databases with a real FAISS index."""
-import numpy as np
 import pytest
-
 from conftest import unit_vectors
+
 from memstore.errors import EmbedderMismatchError, IndexCorruptError, NotAStoreError, UnknownFilterError
-from memstore.store.index import IndexConfig, VectorIndex
 from memstore.store import ChunkIn, DocumentIn, MemoryStore
+from memstore.store.index import IndexConfig, VectorIndex
 
 DIM = 16
 

@@ -4,9 +4,9 @@ runs it at full size (5 MB line, 200,000 lines) and keeps the table."""
 import os
 
 import pytest
+import zoo
 
 import memstore
-import zoo
 
 SCALE = 0.01
 

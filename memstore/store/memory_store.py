@@ -15,22 +15,27 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 from sqlalchemy import Connection, delete, func, insert, select, update
-from sqlalchemy.dialects import postgresql as postgresql_dialect, sqlite as sqlite_dialect
+from sqlalchemy.dialects import postgresql as postgresql_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL
 
-from memstore.store import db, kv, lexical
 from memstore.errors import (
-    EmbedderMismatchError, IndexCorruptError, MemstoreError, NotAStoreError, StoreLockedError,
+    EmbedderMismatchError,
+    IndexCorruptError,
+    MemstoreError,
+    NotAStoreError,
     UnknownFilterError,
 )
+from memstore.store import db, kv, lexical
 from memstore.store.index import EXACT, IndexConfig, VectorIndex
 from memstore.store.schema import Chunk, Document, IngestRun, RerankVector, Setting, utcnow
 

@@ -22,9 +22,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 with atheris.instrument_imports():
     import bs4  # noqa: F401 - instrumented so coverage guides the fuzzer through the parsers too
     import pypdf  # noqa: F401
+    from contract import kind_and_body, loaded_with_encoding
 
     from memstore.ingest import chunking, loaders  # noqa: F401
-    from contract import kind_and_body, loaded_with_encoding
 
 _tokenizer = None
 
