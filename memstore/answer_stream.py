@@ -8,12 +8,11 @@ import threading
 from collections.abc import Iterator
 
 from memstore.errors import MemstoreError
-from memstore.ingest.embed import EmbedderNotFound
 
 log = logging.getLogger("memstore.server")
 
-# a caller's mistake, reported with its own message (HTTP 4xx); anything else is an internal error
-USER_ERRORS = (MemstoreError, EmbedderNotFound, ValueError)
+# reported with its own message (and its own HTTP status); anything else is an internal error
+USER_ERRORS = (MemstoreError,)
 
 
 def answer_events(memory, lock: threading.Lock, question: str, **ask_kwargs) -> Iterator[tuple[str, object]]:

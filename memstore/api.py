@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy.exc import DBAPIError
 
-from memstore.errors import EmbedderMismatchError, MemstoreError
+from memstore.errors import EmbedderMismatchError, InvalidInputError, MemstoreError
 from memstore.ingest.chunking import Chunker, ChunkerConfig
 from memstore.ingest.embed import (
     DEFAULT_EMBEDDER,
@@ -118,7 +118,7 @@ class Memory:
         time it is a candidate and kept in the store (`build_rerank` computes them all at once).
         """
         if not query or not query.strip():
-            raise ValueError("the query is empty")
+            raise InvalidInputError("the query is empty")
         if self.store.embedder is None:
             return []
         # a function, not the vector: the store runs the lexical query while the query is embedded

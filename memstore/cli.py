@@ -18,9 +18,11 @@ DEFAULT_STORE = ".memstore"
 
 
 class Fail(click.ClickException):
-    """A one-line error for bad input; exit code 2."""
+    """A one-line error for bad input or setup; exit code 2 unless the error says otherwise."""
 
-    exit_code = 2
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class InternalError(click.ClickException):
@@ -30,17 +32,15 @@ class InternalError(click.ClickException):
 
 
 def friendly_errors(fn):
-    """Turn library errors into one-line messages with exit code 2, and anything unexpected into
-    one line with exit code 3 (with --verbose, the traceback instead)."""
+    """Turn memstore's errors into one-line messages with their exit code (2 for most), and anything
+    else, a bug, into one line with exit code 3 (with --verbose, the traceback instead)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from memstore.ingest.embed import EmbedderNotFound
-
         try:
             return fn(*args, **kwargs)
-        except (MemstoreError, EmbedderNotFound, ValueError) as e:
-            raise Fail(str(e)) from None
+        except MemstoreError as e:
+            raise Fail(str(e), e.exit_code) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except Exception as e:

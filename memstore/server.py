@@ -25,7 +25,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from memstore.answer_stream import answer_events
 from memstore.api import Memory
 from memstore.errors import MemstoreError
-from memstore.ingest.embed import EmbedderNotFound
 from memstore.openai_api import add_openai_routes
 from memstore.settings import ANSWER_TOKENS, TOP_K
 
@@ -136,7 +135,7 @@ class KVWarmer:
                     self.lock.release()
                 time.sleep(0.02)  # a request waiting for the lock gets it before the next batch
             self.state = "done"
-        except ValueError as e:  # the KV budget is full, or a chunk went away meanwhile
+        except MemstoreError as e:  # the KV budget is full, or a chunk went away meanwhile
             self.state = f"stopped: {e}"
         except Exception as e:  # noqa: BLE001 - warming is an optimisation: log it, keep serving
             log.exception("warming the KV memory failed")
@@ -294,11 +293,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return response
 
     @app.exception_handler(MemstoreError)
-    @app.exception_handler(EmbedderNotFound)
-    @app.exception_handler(ValueError)
-    async def user_error(request: Request, exc: Exception):
-        status = 404 if str(exc).startswith("no document with id") else 400
-        return error_response(request, str(exc), status)
+    async def user_error(request: Request, exc: MemstoreError):
+        return error_response(request, str(exc), exc.http_status)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):

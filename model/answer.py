@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from memstore.errors import DoesNotFitError, InvalidInputError, KVBudgetError
 from memstore.model.generate import Decoder, Generation, PromptParts
 from memstore.settings import ANSWER_TOKENS, TOP_K
 from memstore.store.kv import KVMemory, bytes_per_token
@@ -105,7 +106,7 @@ class Answerer:
         per_token = bytes_per_token(b.n_layers, b.n_kv_heads, b.head_dim, self.kv_dtype)
         need = kv.nbytes() + per_token * sum(self.kv_tokens(c) for c in todo)
         if need > self.kv_budget_bytes:
-            raise ValueError(f"KV memory for {len(chunks)} chunks needs about {need / 2**30:.1f} GiB with "
+            raise KVBudgetError(f"KV memory for {len(chunks)} chunks needs about {need / 2**30:.1f} GiB with "
                              f"{self.backbone.name}, over the {self.kv_budget_bytes / 2**30:.1f} GiB budget; "
                              "raise --kv-budget or let memory mode encode chunks lazily")
         for start in range(0, len(todo), batch):
@@ -118,9 +119,9 @@ class Answerer:
             max_new_tokens: int = ANSWER_TOKENS, retrieve_every: int = 1, document_text: Callable[[], str] | None = None,
             on_token=None, follow: Callable[[str], list[dict]] | None = None) -> Answer:
         if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+            raise InvalidInputError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
         if not question.strip():
-            raise ValueError("the question is empty")
+            raise InvalidInputError("the question is empty")
         self._check_question_fits(question, max_new_tokens)
         started = time.perf_counter()
         if mode == "memory":
@@ -140,18 +141,18 @@ class Answerer:
         n = len(self.backbone.tokenizer(question, add_special_tokens=False)["input_ids"])
         budget = self.backbone.max_positions // 2
         if n > budget:
-            raise ValueError(f"the question has {n} tokens; at most {budget} fit with room for documents "
+            raise DoesNotFitError(f"the question has {n} tokens; at most {budget} fit with room for documents "
                              f"in the {self.backbone.max_positions}-token window")
 
     def _whole_text(self, question, mode, document_text, max_new_tokens, on_token, started) -> Generation:
         if document_text is None:
-            raise ValueError(f"mode {mode!r} needs the document text")
+            raise InvalidInputError(f"mode {mode!r} needs the document text")
         text = document_text()
         tok = self.backbone.tokenizer
         ids = tok(text, add_special_tokens=False)["input_ids"]
         budget = self.backbone.max_positions - max_new_tokens - 256  # room for the template and question
         if mode == "full" and len(ids) > budget:
-            raise ValueError(f"the documents have {len(ids)} tokens but the window holds {budget}; "
+            raise DoesNotFitError(f"the documents have {len(ids)} tokens but the window holds {budget}; "
                              "use mode 'memory' or 'rag', or 'truncate'")
         kept = tok.decode(ids[:budget])
         context = {"chunk_id": -1, "document_id": -1, "source": "(whole text)", "title": None, "char_start": 0,

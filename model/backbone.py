@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from memstore.errors import MemstoreError
+from memstore.errors import InvalidInputError, ModelNotFoundError
 from memstore.model.quant import chosen_format, probe, quantize_int8
 from memstore.paths import models_dir
 
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = os.environ.get("MEMSTORE_MODEL") or "qwen2.5-0.5b"
 
 
-class BackboneNotFound(MemstoreError):
+class BackboneNotFound(ModelNotFoundError):
     """The model is neither a preset, a local folder or GGUF file, nor in the local HF cache."""
 
 
@@ -130,7 +130,7 @@ def default_dtype() -> torch.dtype:
     name = os.environ.get("MEMSTORE_DTYPE")
     if name:
         if name not in DTYPES:
-            raise ValueError(f"MEMSTORE_DTYPE must be one of {', '.join(DTYPES)}, not {name!r}")
+            raise InvalidInputError(f"MEMSTORE_DTYPE must be one of {', '.join(DTYPES)}, not {name!r}")
         return DTYPES[name]
     return DTYPES[probe().compute_dtype]
 

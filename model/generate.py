@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from memstore.errors import DoesNotFitError
 from memstore.model.memory import SlotCache, SlotLayout, cache_arg, crop_to, encode_chunks, last_logits, prefill
 from memstore.settings import ANSWER_TOKENS
 from memstore.store.lexical import STOPWORDS, query_terms
@@ -243,7 +244,7 @@ class Decoder:
         n_context = len(ids)
         ids += parts.suffix
         if len(ids) + max_new_tokens > self.max_positions:
-            raise ValueError(f"prompt of {len(ids)} tokens does not fit the model's {self.max_positions}-token window")
+            raise DoesNotFitError(f"prompt of {len(ids)} tokens does not fit the model's {self.max_positions}-token window")
         from transformers import DynamicCache
 
         cache = DynamicCache()

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from memstore.errors import BackendMissingError, InvalidInputError
 from memstore.paths import models_dir
 
 log = logging.getLogger(__name__)
@@ -185,13 +186,13 @@ def chosen_format(requested: str | None = None) -> tuple[str, torch.dtype]:
     """
     name = requested or os.environ.get("MEMSTORE_WEIGHTS") or "auto"
     if name not in WEIGHT_FORMATS:
-        raise ValueError(f"weight format must be one of {', '.join(WEIGHT_FORMATS)}, not {name!r}")
+        raise InvalidInputError(f"weight format must be one of {', '.join(WEIGHT_FORMATS)}, not {name!r}")
     if name in ("float32", "bfloat16"):
         return name, getattr(torch, name)
     found = probe()
     compute = getattr(torch, found.compute_dtype)
     if name == "int8" and not found.int8_ms:
-        raise ValueError("int8 weights need torch's weight-only int8 kernel, which this CPU or build lacks")
+        raise BackendMissingError("int8 weights need torch's weight-only int8 kernel, which this CPU or build lacks")
     if name == "int8" or found.int8_decodes_faster:
         return "int8", compute
     return found.compute_dtype, compute

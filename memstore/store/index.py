@@ -16,7 +16,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from memstore.errors import IndexCorruptError
+from memstore.errors import IndexCorruptError, InvalidInputError
 
 MAGIC = b"MEMSTORE-FAISS\x01"
 EXACT, HNSW = "flat", "hnsw"
@@ -46,7 +46,7 @@ class VectorIndex:
 
     def __post_init__(self) -> None:
         if self.kind not in (EXACT, HNSW):
-            raise ValueError(f"unknown index kind {self.kind!r}; use 'flat' or 'hnsw'")
+            raise InvalidInputError(f"unknown index kind {self.kind!r}; use 'flat' or 'hnsw'")
         self.faiss = faiss.IndexIDMap2(self._base())
 
     def _base(self) -> faiss.Index:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from memstore.errors import InvalidInputError
+
 
 def _model_dir_name(model_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", model_id)[:120]
@@ -47,7 +49,7 @@ def bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: str = 
 class KVMemory:
     def __init__(self, root: Path, model_id: str, budget_bytes: int = 4 << 30, dtype: str = "fp16"):
         if dtype not in KV_DTYPES:
-            raise ValueError(f"KV dtype must be one of {', '.join(KV_DTYPES)}, not {dtype!r}")
+            raise InvalidInputError(f"KV dtype must be one of {', '.join(KV_DTYPES)}, not {dtype!r}")
         self.dtype = dtype
         self.root = Path(root)
         self.dir = self.root / _model_dir_name(model_id)

@@ -31,8 +31,11 @@ from sqlalchemy.engine import URL
 from memstore.errors import (
     EmbedderMismatchError,
     IndexCorruptError,
+    InvalidInputError,
     MemstoreError,
     NotAStoreError,
+    NotFoundError,
+    StoreLockedError,
     UnknownFilterError,
 )
 from memstore.store import db, kv, lexical
@@ -47,6 +50,7 @@ BATCH = 10_000
 SEARCH_MODES = ("hybrid", "dense", "lexical")
 HYBRID_CANDIDATES = 50  # from each side, before fusion
 PENDING_LIMIT = 50_000  # vectors held for FAISS until commit; beyond this, re-read them from SQL
+WRITE_LOCK_WAIT_S = 300.0  # how long a write waits for another process's (one file's transaction) to end
 
 
 @dataclass
@@ -296,10 +300,7 @@ class MemoryStore:
         """One SQL transaction under the store's write lock; FAISS follows after commit."""
         if self.index_error is not None:
             raise self.index_error
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX)  # wait for the other writer
+        self._take_write_lock()
         try:
             self._sync()
             changes = _Changes()
@@ -318,6 +319,20 @@ class MemoryStore:
                 self.save_index()
         finally:
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+
+    def _take_write_lock(self) -> None:
+        """Wait for another process's write (one file's transaction) to end, at most WRITE_LOCK_WAIT_S."""
+        deadline = time.monotonic() + WRITE_LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise StoreLockedError(
+                        f"another process has held the write lock of {self.dir} for over {WRITE_LOCK_WAIT_S:g} s; "
+                        "wait for its ingest to finish, or stop it") from None
+                time.sleep(0.05)
 
     def _apply(self, changes: _Changes) -> None:
         if changes.removed_ids:
@@ -460,13 +475,13 @@ class MemoryStore:
         """
         mode = mode or ("hybrid" if vector is not None and query else "dense" if vector is not None else "lexical")
         if mode not in SEARCH_MODES:
-            raise ValueError(f"unknown search mode {mode!r}; use one of {', '.join(SEARCH_MODES)}")
+            raise InvalidInputError(f"unknown search mode {mode!r}; use one of {', '.join(SEARCH_MODES)}")
         if k < 1:
-            raise ValueError("k must be at least 1")
+            raise InvalidInputError("k must be at least 1")
         if mode != "lexical" and vector is None:
-            raise ValueError(f"{mode} search needs a query vector")
+            raise InvalidInputError(f"{mode} search needs a query vector")
         if mode != "dense" and not (query and query.strip()):
-            raise ValueError(f"{mode} search needs query text")
+            raise InvalidInputError(f"{mode} search needs query text")
         doc_ids = self.document_ids_matching(filters) if filters else None
         if doc_ids is not None and not doc_ids:
             return Candidates([], [])
@@ -670,7 +685,7 @@ class MemoryStore:
         with self.engine.connect() as conn:
             row = conn.execute(select(*cols).where(Document.id == document_id)).mappings().first()
         if row is None:
-            raise MemstoreError(f"no document with id {document_id}")
+            raise NotFoundError(f"no document with id {document_id}")
         return {**row, "chunks": self.chunk_count(document_id)}
 
     def document_text(self, document_id: int) -> str:
@@ -678,7 +693,7 @@ class MemoryStore:
         with self.engine.connect() as conn:
             n = conn.execute(select(Document.char_count).where(Document.id == document_id)).scalar_one_or_none()
             if n is None:
-                raise MemstoreError(f"no document with id {document_id}")
+                raise NotFoundError(f"no document with id {document_id}")
             rows = conn.execute(select(Chunk.char_start, Chunk.text).where(Chunk.document_id == document_id)
                                 .order_by(Chunk.ordinal)).all()
         out, end = [], 0
