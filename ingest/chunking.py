@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from memstore.errors import InvalidInputError
 from memstore.ingest.loaders import Block
+from memstore.settings import CHUNK_OVERLAP, CHUNK_TOKENS
 from memstore.store import ChunkIn
 
 SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
@@ -25,8 +26,8 @@ MAX_CHARS_PER_TOKEN = 12  # a chunk of `size` tokens holds at most size * this m
 
 @dataclass
 class ChunkerConfig:
-    size: int = 200
-    overlap: int = 32
+    size: int = CHUNK_TOKENS
+    overlap: int = CHUNK_OVERLAP
 
     def validate(self, max_tokens: int) -> ChunkerConfig:
         if self.size < 16:

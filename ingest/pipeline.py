@@ -22,13 +22,13 @@ from memstore.errors import InvalidInputError, MemstoreError
 from memstore.ingest.chunking import Chunker, ChunkerConfig
 from memstore.ingest.embed import Embedder
 from memstore.ingest.loaders import LoadError, Unsupported, codec_name, load, one_line
+from memstore.settings import embed_buffer
 from memstore.store import ChunkIn, DocumentIn, MemoryStore
 
 log = logging.getLogger("memstore.ingest")
 # failures of the store itself end the run: no later file could be written either
 STORE_ERRORS = (OperationalError, MemstoreError)
 
-EMBED_BUFFER = int(os.environ.get("MEMSTORE_EMBED_BUFFER", 256))  # chunks from small files per embedding call
 STREAM_AFTER = 2048  # a document with more chunks than this is written batch by batch
 
 
@@ -162,6 +162,7 @@ class Ingestor:
         self.progress = progress
         self.encoding = _known_encoding(encoding)  # text files' encoding if the user names one; else per file
         self.summary = IngestSummary()
+        self.embed_buffer = embed_buffer()  # chunks from small files per embedding call
         self._pending: list[_Pending] = []
 
     def run(self, paths: Iterable[str | Path], glob: str | None = None, prune: bool = False) -> IngestSummary:
@@ -183,7 +184,7 @@ class Ingestor:
             for path in files:
                 summary.files_seen += 1
                 self._ingest_file(path, rechunk)
-                if self._pending_chunks() >= EMBED_BUFFER:
+                if self._pending_chunks() >= self.embed_buffer:
                     self._flush()
                 bar.update(1)
                 bar.set_postfix(chunks=summary.chunks_added,
@@ -259,7 +260,7 @@ class Ingestor:
             while batch:
                 writer.add(batch, self.embedder.encode([c.text for c in batch]))
                 added += batch
-                batch = _take(rest, EMBED_BUFFER * 4)
+                batch = _take(rest, self.embed_buffer * 4)
             writer.set_char_count(chunker.char_count)
         self._count_added(added)  # only once committed: a failure rolls the whole document back
 

@@ -21,9 +21,8 @@ from memstore.ingest.embed import (
 )
 from memstore.ingest.loaders import markdown_blocks, storable
 from memstore.ingest.pipeline import Ingestor
-from memstore.model.backbone import DEFAULT_MODEL
 from memstore.model.generate import FOLLOW_SLOTS
-from memstore.settings import ANSWER_TOKENS, TOP_K
+from memstore.settings import ANSWER_TOKENS, CHUNK_OVERLAP, CHUNK_TOKENS, KV_BUDGET_GIB, TOP_K, default_model
 from memstore.store import Candidates, DocumentIn, Hit, MemoryStore, lexical
 from memstore.store.index import IndexConfig
 
@@ -38,7 +37,6 @@ log = logging.getLogger(__name__)
 # cosine alone is far worse than hybrid (MRR 0.71, 0.16 of needles at rank 1). N 20-50: same.
 RERANK_CANDIDATES = 30
 RERANK_WEIGHT = 0.3
-DEFAULT_KV_BUDGET_GIB = 4.0  # until `build_kv(budget_gib=...)` (`ingest --kv --kv-budget`) sets the store's own
 
 
 class Memory:
@@ -78,7 +76,7 @@ class Memory:
         return self._reranker
 
     def ingest(self, paths: str | Path | Iterable[str | Path], *, glob: str | None = None,
-               chunk_size: int = 200, overlap: int = 32, prune: bool = False,
+               chunk_size: int = CHUNK_TOKENS, overlap: int = CHUNK_OVERLAP, prune: bool = False,
                meta: dict | None = None, progress: bool | None = False, encoding: str | None = None,
                on_commit: Callable[[int, int], None] | None = None) -> dict:
         """Ingest files and directories; returns the run summary (files, chunks, seconds, failures).
@@ -94,7 +92,7 @@ class Memory:
         return ingestor.run(paths, glob=glob, prune=prune).to_dict()
 
     def add_text(self, text: str, *, source: str | None = None, title: str | None = None,
-                 meta: dict | None = None, chunk_size: int = 200, overlap: int = 32) -> int:
+                 meta: dict | None = None, chunk_size: int = CHUNK_TOKENS, overlap: int = CHUNK_OVERLAP) -> int:
         """Add a string as a document (markdown headings are kept); returns its document id.
         NUL and lone surrogates, which no store can hold, become U+FFFD."""
         text = storable(text)
@@ -179,7 +177,7 @@ class Memory:
         `on_token` receives the answer text piece by piece as it is generated.
         """
         self.require_chunks()
-        answerer = self._answerer(model or DEFAULT_MODEL)
+        answerer = self._answerer(model or default_model())
 
         def retrieve(text: str, search_mode: str = "hybrid", n: int = k) -> list[dict]:
             return [h.to_dict() for h in self.search(text, k=n, filters=filters, mode=search_mode)]
@@ -201,7 +199,7 @@ class Memory:
 
     def load_model(self, model: str | None = None) -> str:
         """Load (and on first use fetch and convert) a model now; returns its name."""
-        return self._answerer(model or DEFAULT_MODEL).backbone.name
+        return self._answerer(model or default_model()).backbone.name
 
     def require_chunks(self) -> None:
         """MemstoreError when the store holds nothing to answer from."""
@@ -217,7 +215,7 @@ class Memory:
         """
         from tqdm import tqdm
 
-        answerer = self._answerer(model or DEFAULT_MODEL, budget_gib)
+        answerer = self._answerer(model or default_model(), budget_gib)
         chunks = self.store.all_chunks()
         kv = answerer.stored_memory()
         todo_tokens = sum(answerer.kv_tokens(c) for c in answerer.without_memory(chunks))
@@ -237,7 +235,7 @@ class Memory:
 
         First the chunks that `questions` (the demo's examples) retrieve, then each document's
         opening chunks (where its title and overview are), then the rest in document order."""
-        todo = self._answerer(model or DEFAULT_MODEL).without_memory(self.store.all_chunks())
+        todo = self._answerer(model or default_model()).without_memory(self.store.all_chunks())
         first = [h.chunk_id for q in questions for h in self.search(q, k=k)]
         rank = {cid: i for i, cid in enumerate(dict.fromkeys(first))}
         ordinal = self.store.chunk_ordinals()
@@ -246,7 +244,7 @@ class Memory:
 
     def kv_status(self, model: str | None = None) -> dict:
         """How many of the store's chunks have KV memory for `model` (encoded, on disk)."""
-        answerer = self._answerer(model or DEFAULT_MODEL)
+        answerer = self._answerer(model or default_model())
         kv = answerer.stored_memory()
         ids = self.store.chunk_ids()
         return {"model": answerer.backbone.name, "chunks": len(ids),
@@ -254,7 +252,7 @@ class Memory:
 
     def encode_kv(self, chunks: list[dict], model: str | None = None) -> int:
         """Encode these chunks' KV memory now (those without one); returns how many were encoded."""
-        return self._answerer(model or DEFAULT_MODEL).precompute(chunks, batch=len(chunks) or 1)
+        return self._answerer(model or default_model()).precompute(chunks, batch=len(chunks) or 1)
 
     def _answerer(self, model: str, budget_gib: float | None = None):
         """The model's Answerer, loaded once, with the KV budget given or else the store's."""
@@ -263,7 +261,7 @@ class Memory:
 
         if model not in self._answerers:
             self._answerers[model] = Answerer(load_backbone(model), self.store.kv_dir)
-        budget = budget_gib if budget_gib is not None else self.store.get_setting("kv_budget_gib", DEFAULT_KV_BUDGET_GIB)
+        budget = budget_gib if budget_gib is not None else self.store.get_setting("kv_budget_gib", KV_BUDGET_GIB)
         self._answerers[model].kv_budget_bytes = int(budget * 2**30)
         return self._answerers[model]
 

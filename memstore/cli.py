@@ -10,11 +10,19 @@ import sys
 import click
 
 from memstore.errors import MemstoreError
-from memstore.settings import ANSWER_TOKENS, TOP_K
+from memstore.settings import (
+    ANSWER_MODES,
+    ANSWER_TOKENS,
+    CHUNK_OVERLAP,
+    CHUNK_TOKENS,
+    STORE,
+    TOP_K,
+    default_model,
+    default_store,
+)
 
 log = logging.getLogger("memstore.cli")
 
-DEFAULT_STORE = ".memstore"
 
 
 class Fail(click.ClickException):
@@ -85,7 +93,7 @@ def emit(obj, as_json: bool, human=None) -> None:
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 store_option = click.option(
-    "--store", "store", default=lambda: os.environ.get("MEMSTORE_STORE", DEFAULT_STORE), show_default=DEFAULT_STORE,
+    "--store", "store", default=default_store, show_default=STORE,
     help="Store directory, or a database URL (postgresql+psycopg://...). Env: MEMSTORE_STORE.",
 )
 data_dir_option = click.option(
@@ -114,8 +122,8 @@ def main():
 @store_option
 @data_dir_option
 @click.option("--glob", default=None, help="Only files whose name (or relative path, if it has a /) matches, e.g. '*.html'.")
-@click.option("--chunk-size", default=200, show_default=True, help="Chunk size in tokens of the embedder's tokenizer.")
-@click.option("--overlap", default=32, show_default=True, help="Tokens repeated between consecutive chunks.")
+@click.option("--chunk-size", default=CHUNK_TOKENS, show_default=True, help="Chunk size in tokens of the embedder's tokenizer.")
+@click.option("--overlap", default=CHUNK_OVERLAP, show_default=True, help="Tokens repeated between consecutive chunks.")
 @click.option("--prune", is_flag=True, help="Remove documents whose files are gone from the given paths.")
 @click.option("--embedder", default=None, help="all-MiniLM-L6-v2 (default) or a local sentence-transformers folder.")
 @click.option("--meta", multiple=True, metavar="KEY=VALUE", help="User metadata for every document of this run (repeatable).")
@@ -214,7 +222,7 @@ def print_hits(hits: list[dict]) -> None:
 @store_option
 @data_dir_option
 @click.option("--model", default=None, help="Model preset (qwen2.5-0.5b: default, smollm2-135m, qwen2.5-1.5b), HF folder or GGUF file. Env: MEMSTORE_MODEL.")
-@click.option("--mode", type=click.Choice(["memory", "rag", "truncate", "full"]), default="memory", show_default=True,
+@click.option("--mode", type=click.Choice(ANSWER_MODES), default="memory", show_default=True,
               help="memory: retrieved chunks in KV-cache slots, plus the chunks of what the answer names; rag: chunks pasted as text.")
 @click.option("-k", "k", default=TOP_K, show_default=True, help="Retrieved chunks (memory slots).")
 @click.option("--max-new-tokens", default=ANSWER_TOKENS, show_default=True, help="Longest answer, in tokens.")
@@ -385,11 +393,10 @@ def serve_while_building(store: str, files: list, host: str, port: int, model: s
     import uvicorn
 
     from memstore.ingest.loaders import one_line
-    from memstore.model.backbone import DEFAULT_MODEL
     from memstore.server import Readiness, create_app
 
     say = functools.partial(click.echo, err=True)
-    readiness = Readiness(model or DEFAULT_MODEL)
+    readiness = Readiness(model or default_model())
 
     def build() -> None:
         try:  # a second handle: its commits reach the server's through the store's generation check

@@ -25,9 +25,8 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from memstore.answer_stream import answer_events
-from memstore.settings import TOP_K
+from memstore.settings import ANSWER_MODES, TOP_K
 
-MODES = ("memory", "rag", "truncate", "full")
 MAX_MESSAGE_CHARS = 2000
 
 
@@ -74,7 +73,7 @@ def add_openai_routes(app: FastAPI, memory, lock: threading.Lock, models: list[s
     def model_and_mode(model_id: str) -> tuple[str, str]:
         name, _, mode = model_id.partition(":")
         mode = mode or "memory"
-        if name not in models or mode not in MODES:
+        if name not in models or mode not in ANSWER_MODES:
             raise HTTPException(404, f"unknown model {model_id!r}; GET /v1/models lists them")
         return name, mode
 

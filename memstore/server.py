@@ -22,11 +22,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from memstore import settings
 from memstore.answer_stream import answer_events
 from memstore.api import Memory
 from memstore.errors import MemstoreError
 from memstore.openai_api import add_openai_routes
-from memstore.settings import ANSWER_TOKENS, TOP_K
+from memstore.settings import ANSWER_MODES, ANSWER_TOKENS, TOP_K
 
 log = logging.getLogger("memstore.server")
 
@@ -39,7 +40,7 @@ class AskRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS, description="The question to answer.")
-    mode: Literal["memory", "rag", "truncate", "full"] = Field(
+    mode: Literal[ANSWER_MODES] = Field(
         "memory", description="memory: retrieved chunks in KV memory slots; rag: pasted as text; "
                               "truncate/full: the documents themselves in the prompt.")
     k: int = Field(TOP_K, ge=1, le=16, description="Chunks retrieved (memory slots or pasted chunks).")
@@ -151,9 +152,9 @@ def create_app(memory: Memory, *, default_model: str | None = None, models: list
     (the examples' chunks first); /stats then reports how much of it is warm.
     readiness: the store is still being built and the model loaded (see Readiness); /stats says
     how far, and answers wait for the model."""
-    from memstore.model.backbone import DEFAULT_MODEL, PRESETS
+    from memstore.model.backbone import PRESETS
 
-    default_model = default_model or DEFAULT_MODEL
+    default_model = default_model or settings.default_model()
     allowed = list(dict.fromkeys([default_model, *(models or PRESETS)]))
     lock = threading.Lock()
     warmer = KVWarmer(memory, default_model, lock, examples or [],

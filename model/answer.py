@@ -10,10 +10,9 @@ import numpy as np
 
 from memstore.errors import DoesNotFitError, InvalidInputError, KVBudgetError
 from memstore.model.generate import Decoder, Generation, PromptParts
-from memstore.settings import ANSWER_TOKENS, TOP_K
+from memstore.settings import ANSWER_MODES, ANSWER_TOKENS, KV_BUDGET_GIB, TOP_K
 from memstore.store.kv import KVMemory, bytes_per_token
 
-MODES = ("memory", "rag", "truncate", "full")
 # int8 KV memory answers exactly like fp16 (bench/kv_precision.py: 40/40 identical answers with
 # SmolLM2, 20/20 with Qwen2.5-0.5B) in 52% of the bytes.
 DEFAULT_KV_DTYPE = "int8"
@@ -49,7 +48,7 @@ class Answer:
 class Answerer:
     """Runs one backbone over one store: retrieval in, answer with ranked sources out."""
 
-    def __init__(self, backbone, kv_root, *, slot_len: int = 256, kv_budget_bytes: int = 4 << 30,
+    def __init__(self, backbone, kv_root, *, slot_len: int = 256, kv_budget_bytes: int = int(KV_BUDGET_GIB * 2**30),
                  kv_dtype: str = DEFAULT_KV_DTYPE):
         self.backbone = backbone
         self.decoder = Decoder(backbone.model, backbone.tokenizer, max_positions=backbone.max_positions,
@@ -118,8 +117,8 @@ class Answerer:
     def ask(self, question: str, retrieve: Callable[[str], list[dict]], *, mode: str = "memory", k: int = TOP_K,
             max_new_tokens: int = ANSWER_TOKENS, retrieve_every: int = 1, document_text: Callable[[], str] | None = None,
             on_token=None, follow: Callable[[str], list[dict]] | None = None) -> Answer:
-        if mode not in MODES:
-            raise InvalidInputError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        if mode not in ANSWER_MODES:
+            raise InvalidInputError(f"unknown mode {mode!r}; use one of {', '.join(ANSWER_MODES)}")
         if not question.strip():
             raise InvalidInputError("the question is empty")
         self._check_question_fits(question, max_new_tokens)

@@ -37,13 +37,10 @@ import torch
 from memstore.errors import InvalidInputError, ModelNotFoundError
 from memstore.model.quant import chosen_format, probe, quantize_int8
 from memstore.paths import models_dir
+from memstore.settings import default_model
 
 log = logging.getLogger(__name__)
 
-# Chosen from bench/demo_qa.py and bench/qa.py: Qwen2.5-0.5B answers far more questions than
-# SmolLM2-135M at a few seconds per answer on 2 cores. MEMSTORE_MODEL overrides it (the tests
-# use the smallest model).
-DEFAULT_MODEL = os.environ.get("MEMSTORE_MODEL") or "qwen2.5-0.5b"
 
 
 class BackboneNotFound(ModelNotFoundError):
@@ -112,7 +109,7 @@ def preset_status() -> list[dict]:
     for name, preset in PRESETS.items():
         converted = (models_dir() / name / "config.json").exists()
         installed = all(_installed_file(f) for f in preset.files)
-        out.append({"name": name, "description": preset.description, "default": name == DEFAULT_MODEL,
+        out.append({"name": name, "description": preset.description, "default": name == default_model(),
                     "ready": converted, "available": converted or installed or preset.fetch,
                     "install": None if converted or installed else preset.pip_install()})
     return out
@@ -135,13 +132,15 @@ def default_dtype() -> torch.dtype:
     return DTYPES[probe().compute_dtype]
 
 
-def load_backbone(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | None = None,
+def load_backbone(name_or_path: str | None = None, *, dtype: torch.dtype | None = None,
                   weights: str | None = None) -> Backbone:
     """Load a preset, a local HF folder, a local GGUF file, or a hub id already cached locally.
 
     dtype: the compute dtype, `default_dtype()` unless given. weights: a `WEIGHT_FORMATS` name
     (default $MEMSTORE_WEIGHTS, else `auto`: int8 where this CPU decodes int8 weights faster).
+    name_or_path defaults to `settings.default_model()` ($MEMSTORE_MODEL, else the default preset).
     """
+    name_or_path = name_or_path or default_model()
     weight_format, compute = chosen_format(weights)  # an explicit dense format is the compute dtype too
     dtype = dtype or (default_dtype() if os.environ.get("MEMSTORE_DTYPE") else compute)
     folder, name = resolve(name_or_path)

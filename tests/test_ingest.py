@@ -140,7 +140,7 @@ def test_a_large_document_is_streamed_batch_by_batch(tmp_path, monkeypatch):
     from memstore.store import memory_store as store_module
 
     monkeypatch.setattr(pipeline, "STREAM_AFTER", 4)
-    monkeypatch.setattr(pipeline, "EMBED_BUFFER", 2)
+    monkeypatch.setenv("MEMSTORE_EMBED_BUFFER", "2")
     monkeypatch.setattr(store_module, "PENDING_LIMIT", 5)
     big = tmp_path / "big.txt"
     paragraphs = [f"Paragraph {i} is about the {w} harbour, its ships and its lighthouse keeper number {i}."

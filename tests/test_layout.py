@@ -4,6 +4,7 @@ imports nothing above it."""
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import venv
@@ -35,7 +36,10 @@ def test_imports_from_a_directory_holding_model_py(tmp_path):
 
 
 def test_wheel_installs_every_layer_under_memstore(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(ROOT)],
+    source = tmp_path / "source"  # a copy: building in the checkout would leave build/ behind
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "bench", ".*cache",
+                                                                "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(source)],
                    check=True, capture_output=True, timeout=600)
     [wheel] = (tmp_path / "dist").glob("memstore-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from memstore.errors import InvalidInputError
+from memstore.settings import KV_BUDGET_GIB
 
 
 def _model_dir_name(model_id: str) -> str:
@@ -47,7 +48,7 @@ def bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: str = 
 
 
 class KVMemory:
-    def __init__(self, root: Path, model_id: str, budget_bytes: int = 4 << 30, dtype: str = "fp16"):
+    def __init__(self, root: Path, model_id: str, budget_bytes: int = int(KV_BUDGET_GIB * 2**30), dtype: str = "fp16"):
         if dtype not in KV_DTYPES:
             raise InvalidInputError(f"KV dtype must be one of {', '.join(KV_DTYPES)}, not {dtype!r}")
         self.dtype = dtype

@@ -13,18 +13,16 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, bindparam, text
 
+from memstore.settings import FUSION_DENSE_WEIGHT, WEIGHTED_FUSION_DENSE_WEIGHT
+
 WORD = re.compile(r"\w+", re.UNICODE)
 MAX_TERMS = 64
 PG_DF_CAP = 20_000  # PostgreSQL: document frequency is counted up to this many chunks per term
 COMMON_DF = 5_000  # SQLite: a term in this many chunks is common (see _rare_terms)
 RARE_COUNT = 20  # a query word in at most this many chunks is rare (see rare_words)
 RRF_K = 60
-# Weighted fusion with this dense weight beat RRF on both benchmarks (bench/retrieval.py):
-# newwiki hit@4 0.925 vs 0.907, needle chunk at rank 1 for 98% vs 44% of needles.
-DEFAULT_ALPHA = 0.2
-# The dense weight of full-score fusion (the default): of 0.2/0.25/0.3, the one that keeps both
-# the dev set's MRR and the needles over three fillers at 1M-10M tokens (bench/results/retrieval*.json)
-FULL_ALPHA = 0.25
+DEFAULT_ALPHA = WEIGHTED_FUSION_DENSE_WEIGHT
+FULL_ALPHA = FUSION_DENSE_WEIGHT
 
 
 # Very common English words: each costs a scan of a huge posting list and adds almost no

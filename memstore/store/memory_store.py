@@ -38,6 +38,7 @@ from memstore.errors import (
     StoreLockedError,
     UnknownFilterError,
 )
+from memstore.settings import SEARCH_MODES
 from memstore.store import db, kv, lexical
 from memstore.store.index import EXACT, IndexConfig, VectorIndex
 from memstore.store.schema import Chunk, Document, IngestRun, RerankVector, Setting, utcnow
@@ -47,7 +48,6 @@ INDEX_FILE = "vectors.faiss"
 EXACT_FILTER_LIMIT = 20_000  # filtered searches over at most this many chunks are scored exactly
 COMPACT_FRACTION = 0.25  # rebuild an HNSW index when this share of it is tombstones
 BATCH = 10_000
-SEARCH_MODES = ("hybrid", "dense", "lexical")
 HYBRID_CANDIDATES = 50  # from each side, before fusion
 PENDING_LIMIT = 50_000  # vectors held for FAISS until commit; beyond this, re-read them from SQL
 WRITE_LOCK_WAIT_S = 300.0  # how long a write waits for another process's (one file's transaction) to end
