@@ -65,3 +65,20 @@ def test_budget_evicts_least_recently_used_and_drop_removes(tmp_path):
 def test_unknown_dtype_is_refused(tmp_path):
     with pytest.raises(ValueError, match="int8"):
         KVMemory(tmp_path, "m", dtype="int4")
+
+
+def test_put_under_the_budget_does_not_list_the_directory(tmp_path, monkeypatch):
+    mem = KVMemory(tmp_path, "m", dtype="int8")
+    mem.put(1, kv_like(1))
+    size = mem.nbytes()
+
+    def no_listing(*_args):
+        raise AssertionError("the KV directory was listed")
+
+    monkeypatch.setattr(type(mem.dir), "glob", no_listing)
+    for cid in range(2, 40):  # ingest --kv: each put cost a listing of every file before
+        mem.put(cid, kv_like(cid))
+    assert mem.nbytes() == 39 * size
+    monkeypatch.undo()
+    KVMemory(tmp_path, "m", dtype="int8").put(100, kv_like(100))  # another process writes
+    assert mem.nbytes() == 40 * size

@@ -197,3 +197,24 @@ def test_second_process_writes_are_seen(tmp_path):
         second.add_document(doc, chunks, vecs)
         assert first.search(vecs[0], k=1)[0].source == "b.md"
         assert second.index.size == 6 and first.index.size == 6
+
+
+def test_filters_match_exactly_what_fnmatch_and_equality_do(store_target):
+    """SQL narrows the documents (LIKE, JSON) and the exact test decides: globs with LIKE's own
+    wildcards, classes and case, and metadata of other types than strings, as before."""
+    import fnmatch
+
+    target, data_dir = store_target
+    sources = {"a_b.md": {"n": 1}, "axb.md": {"n": "1"}, "100%.txt": {"lang": "en"}, "Guide.MD": {"lang": "EN"},
+               "[draft].md": {"lang": "en"}, "d.md": {"flag": True}}
+    with open_store(target, data_dir) as store:
+        ids = {s: store.add_document(*make_doc(s, 2, meta, seed=i)) for i, (s, meta) in enumerate(sources.items())}
+        for pattern in ("a_b.md", "*.md", "*%*", "100%.*", "*.MD", "[[]draft].md", "[!a]*", "?_b.md"):
+            want = {ids[s] for s in sources if fnmatch.fnmatchcase(s, pattern)}
+            assert set(store.document_ids_matching({"path": pattern})) == want, pattern
+        for key, value in (("meta.n", 1), ("meta.n", "1"), ("meta.lang", "en"), ("meta.flag", True)):
+            want = {ids[s] for s, meta in sources.items() if meta.get(key[5:]) == value}
+            assert set(store.document_ids_matching({key: value})) == want, (key, value)
+        before = store.document_ids_matching({"meta.lang": "en"})
+        new = store.add_document(*make_doc("new.md", 1, {"lang": "en"}, seed=9))  # a write: filters are asked again
+        assert set(store.document_ids_matching({"meta.lang": "en"})) == set(before) | {new}

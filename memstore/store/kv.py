@@ -57,6 +57,8 @@ class KVMemory:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.model_id = model_id
         self.budget_bytes = budget_bytes
+        self._bytes: int | None = None  # the directory's size: listed once, then kept by put and evict,
+        self._seen = -1  # while the directory's mtime is the one this process saw last
 
     def path(self, chunk_id: int) -> Path:
         return self.dir / f"{int(chunk_id)}.npy"
@@ -79,12 +81,22 @@ class KVMemory:
         path = self.path(chunk_id)
         tmp = path.with_suffix(".tmp.npy")
         data = quantize_int8(kv) if self.dtype == "int8" else np.ascontiguousarray(kv, dtype=np.float16)
+        total = self.nbytes()
+        try:
+            total -= path.stat().st_size  # replaced
+        except FileNotFoundError:
+            pass
         np.save(tmp, data)
         os.replace(tmp, path)
-        self.evict()
+        self._bytes = total + path.stat().st_size
+        self._seen = self.dir.stat().st_mtime_ns
+        if self._bytes > self.budget_bytes:
+            self.evict()
         return dequantize(data)
 
     def evict(self) -> int:
+        """Remove the least recently used files down to the budget (the one place the directory is listed
+        after the first count, so what other processes wrote is counted again here)."""
         files = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.dir.glob("*.npy") if not p.name.endswith(".tmp.npy")]
         total = sum(size for _, size, _ in files)
         removed = 0
@@ -94,10 +106,17 @@ class KVMemory:
             path.unlink(missing_ok=True)
             total -= size
             removed += 1
+        self._bytes, self._seen = total, self.dir.stat().st_mtime_ns
         return removed
 
     def nbytes(self) -> int:
-        return sum(p.stat().st_size for p in self.dir.glob("*.npy"))
+        """Bytes held. The directory is listed only when something else changed it (another process,
+        `drop_chunks`) since this object last did: otherwise one stat of the directory."""
+        seen = self.dir.stat().st_mtime_ns
+        if self._bytes is None or seen != self._seen:
+            self._bytes = sum(p.stat().st_size for p in self.dir.glob("*.npy") if not p.name.endswith(".tmp.npy"))
+            self._seen = seen
+        return self._bytes
 
 
 def drop_chunks(root: Path, chunk_ids) -> int:

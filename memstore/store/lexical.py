@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, bindparam, text
@@ -58,14 +59,18 @@ class LexicalQuery:
     total: int  # chunks in the store (PostgreSQL's idf weights); 0 on SQLite, whose bm25 has its own
 
 
-def prepare(conn: Connection, query: str, phrases: bool = True) -> LexicalQuery:
+def prepare(conn: Connection, query: str, phrases: bool = True,
+            total_chunks: Callable[[Connection], int] | None = None) -> LexicalQuery:
+    """The query's terms with their chunk counts. total_chunks(conn): the store's chunk count
+    (PostgreSQL's bm25 needs it), kept by the caller between writes; counted here if not given."""
     terms = query_terms(query, phrases)
     if conn.dialect.name == "sqlite":
         counts = {t: _count(conn, _fts_match([t]), COMMON_DF) for t in terms}
         return LexicalQuery(terms, counts, 0)
     counts = {t: conn.execute(text(f"SELECT count(*) FROM (SELECT 1 FROM chunks WHERE {_PG_TERM.format(0)} "
                                    f"LIMIT {PG_DF_CAP}) s"), {"t0": t}).scalar_one() for t in terms}
-    total = conn.execute(text("SELECT count(*) FROM chunks")).scalar_one() if any(counts.values()) else 0
+    count = total_chunks or (lambda c: c.execute(text("SELECT count(*) FROM chunks")).scalar_one())
+    total = count(conn) if any(counts.values()) else 0
     return LexicalQuery(terms, counts, total)
 
 

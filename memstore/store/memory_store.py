@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql as postgresql_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL
@@ -211,6 +211,8 @@ class MemoryStore:
         self.index: VectorIndex | None = None
         self.index_error: IndexCorruptError | None = None
         self.generation = -1
+        self._filter_cache: dict[str, tuple[int, list[int]]] = {}  # filters -> (generation, document ids)
+        self._chunk_count: tuple[int, int] | None = None  # (generation, chunks)
         try:
             self._open_index()
         except IndexCorruptError as e:
@@ -543,7 +545,7 @@ class MemoryStore:
         """The lexical top n, the query's rare words, and which of the top n hold them all (a chunk
         holding every rare word scores high, so one outside the top n would mean many holders)."""
         with self.engine.connect() as conn:
-            prepared = lexical.prepare(conn, query)
+            prepared = lexical.prepare(conn, query, total_chunks=self.chunk_total)
             top = lexical.search(conn, prepared, n, doc_ids)
             rare = lexical.rare_words(prepared)
             holders = lexical.holding_all(conn, rare, [i for i, _ in top]) if rare else set()
@@ -563,7 +565,7 @@ class MemoryStore:
 
     def _lexical(self, query: str, k: int, doc_ids: list[int] | None) -> tuple[lexical.LexicalQuery, list[tuple[int, float]]]:
         with self.engine.connect() as conn:
-            prepared = lexical.prepare(conn, query)
+            prepared = lexical.prepare(conn, query, total_chunks=self.chunk_total)
             return prepared, lexical.search(conn, prepared, k, doc_ids)
 
     def _exact_scores(self, vector: np.ndarray, allowed: np.ndarray, k: int) -> list[tuple[int, float]]:
@@ -586,12 +588,34 @@ class MemoryStore:
         """Ids of documents that match every filter.
 
         Fields: `path` (glob on the document source), `document_id` (an id or a list),
-        `meta.KEY` (equality on the document's user metadata).
+        `meta.KEY` (equality on the document's user metadata). SQL narrows the documents down
+        (LIKE for globs, JSON for string metadata) and the exact test runs on what it returns;
+        the answer is kept until the store's next write, so the decoding steps of one answer
+        and repeated searches with the same filters do not ask again.
         """
-        predicates = [_filter_predicate(key, value) for key, value in filters.items()]
+        key = repr(sorted(filters.items(), key=lambda kv: kv[0]))
+        predicates = [_filter_predicate(k, v) for k, v in filters.items()]
         with self.engine.connect() as conn:
-            rows = conn.execute(select(Document.id, Document.source, Document.meta)).all()
-        return [r.id for r in rows if all(p(r) for p in predicates)]
+            generation = self._generation(conn)
+            cached = self._filter_cache.get(key)
+            if cached is not None and cached[0] == generation:
+                return cached[1]
+            query = select(Document.id, Document.source, Document.meta)
+            for k, v in filters.items():
+                query = query.where(*_filter_clauses(k, v))
+            rows = conn.execute(query).all()
+        ids = [r.id for r in rows if all(p(r) for p in predicates)]
+        if len(self._filter_cache) >= 64:
+            self._filter_cache.clear()
+        self._filter_cache[key] = (generation, ids)
+        return ids
+
+    def chunk_total(self, conn: Connection) -> int:
+        """How many chunks the store holds, counted once per write (generation)."""
+        generation = self._generation(conn)
+        if self._chunk_count is None or self._chunk_count[0] != generation:
+            self._chunk_count = (generation, conn.execute(select(func.count(Chunk.id))).scalar_one())
+        return self._chunk_count[1]
 
     def hits(self, scored: list[tuple[int, float]]) -> list[Hit]:
         """Hits (chunk records with their document) for (chunk id, score) pairs, in that order."""
@@ -805,6 +829,32 @@ class MemoryStore:
 
 # a chunk whose char span does not lie inside its document's text
 _BAD_SPAN = (Chunk.char_start < 0) | (Chunk.char_end > Document.char_count) | (Chunk.char_start >= Chunk.char_end)
+
+
+def _filter_clauses(key: str, value) -> list:
+    """SQL conditions that every document matching the filter meets (a superset: `_filter_predicate` decides)."""
+    if key in ("path", "source"):
+        patterns = [value] if isinstance(value, str) else list(value)
+        return [or_(*[Document.source.like(_glob_like(p), escape="\\") for p in patterns])]
+    if key == "document_id":
+        return [Document.id.in_([int(v) for v in (value if isinstance(value, (list, tuple, set)) else [value])])]
+    if key.startswith("meta.") and len(key) > 5 and isinstance(value, str):
+        return [Document.meta[key[5:]].as_string() == value]
+    return []
+
+
+def _glob_like(pattern: str) -> str:
+    """A LIKE pattern that every string the glob matches also matches: * -> %, ? and [...] -> _."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "[" and (end := pattern.find("]", i + 2)) != -1:  # a class, as fnmatch reads it ("[]]" included)
+            out.append("_")
+            i = end + 1
+            continue
+        out.append("%" if c == "*" else "_" if c == "?" else "\\" + c if c in "%_\\" else c)
+        i += 1
+    return "".join(out)
 
 
 def _filter_predicate(key: str, value):
