@@ -31,10 +31,8 @@ log = logging.getLogger(__name__)
 # rerank=True re-scores the top RERANK_CANDIDATES fused candidates: RERANK_WEIGHT * the
 # re-ranker's cosine (min-max) + the rest * lexical score / its maximum (lexical.rerank_fusion).
 # Chosen on 1,000 newwiki questions apart from the benchmark's (bench/retrieval.py
-# --question-offset 2000) and on the needles: MRR@10 0.846 -> 0.862, hit@10 0.963 -> 0.974,
-# needles at rank 1 0.98 -> 0.94. Weight 0.4 gains a little more (0.865) but puts 0.76 of the
-# needles at rank 1; min-max on the lexical side too loses more needles for the same gain; the
-# cosine alone is far worse than hybrid (MRR 0.71, 0.16 of needles at rank 1). N 20-50: same.
+# --question-offset 2000) and on the needles, trading a little needle rank for MRR; a higher weight
+# loses more needles, the cosine alone is far worse than hybrid (bench/results/retrieval.json).
 RERANK_CANDIDATES = 30
 RERANK_WEIGHT = 0.3
 

@@ -456,6 +456,11 @@ def db():
     """Schema migrations of a store's SQL database."""
 
 
+def db_command(fn):
+    """A `memstore db` subcommand over a store: --store, --data-dir, --json, one-line errors."""
+    return db.command()(store_option(data_dir_option(json_option(friendly_errors(fn)))))
+
+
 def _engine(store: str, data_dir: str | None):
     from memstore.errors import NotAStoreError
     from memstore.store import DB_FILE, resolve_target
@@ -467,11 +472,7 @@ def _engine(store: str, data_dir: str | None):
     return dbmod.make_engine(url)
 
 
-@db.command()
-@store_option
-@data_dir_option
-@json_option
-@friendly_errors
+@db_command
 def upgrade(store, data_dir, as_json):
     """Upgrade the schema to the newest revision."""
     from memstore.store import db as dbmod
@@ -482,11 +483,7 @@ def upgrade(store, data_dir, as_json):
     emit({"from": before, "to": after}, as_json, lambda r: click.echo(f"schema: {r['from']} -> {r['to']}"))
 
 
-@db.command()
-@store_option
-@data_dir_option
-@json_option
-@friendly_errors
+@db_command
 def current(store, data_dir, as_json):
     """Show the schema revision of the store and the newest one this memstore knows."""
     from memstore.store import db as dbmod

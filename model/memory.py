@@ -76,7 +76,7 @@ def last_logits(model, **forward_args) -> tuple[torch.Tensor, object]:
 
     The LM head runs on the last hidden state alone, as a 2-D (1, hidden) matrix: given a 3-D
     (1, 1, hidden) input, a bfloat16 linear on CPU takes a batched-matmul path that copies the
-    whole (vocab x hidden) weight, 1.1 s per call for Qwen2.5-0.5B instead of 40 ms. Logit
+    whole (vocab x hidden) weight, over an order of magnitude slower per call. Logit
     soft-capping (Gemma) is left out: it is monotonic, and the logits only feed an argmax.
     """
     out = model.model(**forward_args)

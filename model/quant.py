@@ -50,7 +50,7 @@ class Int8Linear(torch.nn.Module):
         weight = linear.weight.detach()
         scale = weight.abs().amax(dim=1).float().clamp(min=1e-12) / 127.0
         quantized = torch.empty(weight.shape, dtype=torch.int8)
-        for start in range(0, weight.shape[0], 512):  # blocks of rows stay in cache: a 10x faster load
+        for start in range(0, weight.shape[0], 512):  # blocks of rows stay in cache: a much faster load
             rows = slice(start, start + 512)
             quantized[rows] = torch.round(weight[rows].float() / scale[rows, None]).clamp_(-127, 127)
         self.register_buffer("weight_int8", quantized)

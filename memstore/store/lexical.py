@@ -27,7 +27,7 @@ FULL_ALPHA = FUSION_DENSE_WEIGHT
 
 
 # Very common English words: each costs a scan of a huge posting list and adds almost no
-# BM25 weight (100k chunks: lexical p50 263 ms with them, 46 ms without; bench/retrieval.py).
+# BM25 weight: leaving them out makes lexical search several times faster at 100k chunks (bench/retrieval.py).
 STOPWORDS = frozenset("""a about after all also an and any are as at be been before but by can could did do does
 for from had has have he her him his how i if in into is it its just may me more most my no not of on one
 or other our out over s she so some such than that the their them then there these they this those to up
@@ -106,7 +106,7 @@ def sqlite_scores(conn: Connection, terms: list[str], ids: list[int]) -> dict[in
     if not ids or not terms:
         return out
     # `+rowid`: FTS5 runs the match once and the rows are filtered after it; pushed down, it would
-    # run it once per id (15 ms instead of 1 for 50 ids on 1,600 chunks)
+    # run it once per id, an order of magnitude slower even on a small store
     sql = text("SELECT rowid, bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH :match AND +rowid IN :ids")
     rows = conn.execute(sql.bindparams(bindparam("ids", expanding=True)), {"match": _fts_match(terms), "ids": ids})
     out.update((int(i), -float(s)) for i, s in rows)
@@ -148,7 +148,7 @@ def _search_sqlite(conn, q: LexicalQuery, k, document_ids):
         where += " AND +f.rowid IN (SELECT id FROM chunks WHERE document_id IN :doc_ids)"
         params["doc_ids"] = document_ids
     # `+rowid` keeps these filters out of FTS5's query plan: pushed down, FTS5 would run the whole
-    # match, and bm25's term counts, once per allowed row (450 ms instead of 4 ms on 100k chunks)
+    # match, and bm25's term counts, once per allowed row: two orders of magnitude slower at 100k chunks
     sql = text(f"SELECT f.rowid, bm25(chunks_fts) AS s FROM chunks_fts f WHERE chunks_fts MATCH :match {where} "
                "ORDER BY s LIMIT :k")
     if document_ids is not None:
@@ -165,8 +165,8 @@ def _rare_terms(q: LexicalQuery) -> list[str] | None:
 
     bm25 costs about a microsecond per matching chunk, and a common word matches tens of thousands
     of chunks in a large store. A chunk that holds none of the query's rarer terms seldom makes
-    the top k, so only chunks holding one are ranked (bench/retrieval.py: on 100k chunks, lexical
-    p50 15.7 ms instead of 22.4, same hit@k on 500 questions).
+    the top k, so only chunks holding one are ranked (bench/retrieval.py's scale section: faster at
+    100k chunks with the same hit@k).
     """
     rare = [t for t in q.terms if q.counts[t] < COMMON_DF]
     return rare if 0 < len(rare) < len(q.terms) else None
