@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from longctx import _cpu_name as cpu_name  # noqa: E402
 
 from memstore.store import ChunkIn, DocumentIn, MemoryStore  # noqa: E402
-from memstore.store.memory_store import _filter_predicate  # noqa: E402
 from memstore.store.schema import Document  # noqa: E402
+from memstore.store.search import _filter_predicate  # noqa: E402
 
 DIM = 384
 DOC_CHUNKS = 10

@@ -19,7 +19,7 @@ from memstore import errors
 from memstore.api import Memory
 from memstore.cli import main
 from memstore.server import create_app
-from memstore.store import memory_store
+from memstore.store import writes
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_server_answers_with_the_errors_status_and_500_for_a_bug(store, monkeypa
 
 
 def test_a_write_waits_for_another_writer_then_says_the_store_is_locked(store, monkeypatch):
-    monkeypatch.setattr(memory_store, "WRITE_LOCK_WAIT_S", 0.3)
+    monkeypatch.setattr(writes, "WRITE_LOCK_WAIT_S", 0.3)
     with Memory(store, create=False) as mem, open(store / "write.lock", "a+") as other:
         fcntl.flock(other, fcntl.LOCK_EX)  # another process's ingest, mid-file
         with pytest.raises(errors.StoreLockedError, match="held the write lock"):

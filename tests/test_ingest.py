@@ -137,7 +137,7 @@ def test_a_large_document_is_streamed_batch_by_batch(tmp_path, monkeypatch):
     """Past STREAM_AFTER chunks a document is embedded and written in batches inside one
     transaction, and past PENDING_LIMIT its vectors reach FAISS from SQL, not from memory."""
     from memstore.ingest import pipeline
-    from memstore.store import memory_store as store_module
+    from memstore.store import writes as store_module
 
     monkeypatch.setattr(pipeline, "STREAM_AFTER", 4)
     monkeypatch.setenv("MEMSTORE_EMBED_BUFFER", "2")

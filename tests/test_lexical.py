@@ -6,7 +6,7 @@ from conftest import unit_vectors
 from sqlalchemy import text
 
 from memstore.store import ChunkIn, DocumentIn, MemoryStore, db
-from memstore.store import memory_store as store_module
+from memstore.store import search as store_module
 
 DIM = 16
 FILLER = [
