@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -27,7 +28,7 @@ from memstore.answer_stream import answer_events
 from memstore.api import Memory
 from memstore.errors import MemstoreError
 from memstore.openai_api import add_openai_routes
-from memstore.settings import ANSWER_MODES, ANSWER_TOKENS, TOP_K
+from memstore.settings import ANSWER_MODES, ANSWER_TOKENS, SEARCH_MODES, TOP_K
 
 log = logging.getLogger("memstore.server")
 
@@ -143,6 +144,35 @@ class KVWarmer:
             self.state = f"stopped: {type(e).__name__}"
 
 
+@dataclass
+class Service:
+    """What the routes share: the store, the lock around it, and the models clients may name."""
+
+    memory: Memory
+    lock: threading.Lock
+    default_model: str
+    allowed: list[str]
+    title: str
+    examples: list[str]
+    readiness: Readiness | None = None
+    warmer: KVWarmer | None = None
+
+    def model_ready(self) -> None:
+        if self.readiness:
+            self.readiness.wait_for_model()
+
+    def check_model(self, name: str | None) -> str:
+        name = name or self.default_model
+        if name not in self.allowed:
+            raise HTTPException(400, f"unknown model {name!r}; this server offers {', '.join(self.allowed)}")
+        return name
+
+    def ask_kwargs(self, req: AskRequest) -> dict:
+        self.model_ready()
+        return dict(model=self.check_model(req.model), mode=req.mode, k=req.k, max_new_tokens=req.max_new_tokens,
+                    filters=req.filters)
+
+
 def create_app(memory: Memory, *, default_model: str | None = None, models: list[str] | None = None,
                title: str = "memstore", examples: list[str] | None = None, warm_kv: bool = False,
                readiness: Readiness | None = None) -> FastAPI:
@@ -155,45 +185,37 @@ def create_app(memory: Memory, *, default_model: str | None = None, models: list
     from memstore.model.backbone import PRESETS
 
     default_model = default_model or settings.default_model()
-    allowed = list(dict.fromkeys([default_model, *(models or PRESETS)]))
-    lock = threading.Lock()
-    warmer = KVWarmer(memory, default_model, lock, examples or [],
-                      after=readiness.all_ready if readiness else None) if warm_kv else None
-
-    def model_ready() -> None:
-        if readiness:
-            readiness.wait_for_model()
+    service = Service(memory, threading.Lock(), default_model, list(dict.fromkeys([default_model, *(models or PRESETS)])),
+                      title, examples or [], readiness)
+    if warm_kv:
+        service.warmer = KVWarmer(memory, default_model, service.lock, service.examples,
+                                  after=readiness.all_ready if readiness else None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        if warmer:
-            warmer.start()
+        if service.warmer:
+            service.warmer.start()
         yield
-        if warmer:
-            warmer.stop()
+        if service.warmer:
+            service.warmer.stop()
 
     app = FastAPI(title=f"{title} API", description="Search and question answering over a memstore store.",
                   lifespan=lifespan)
     install_error_handlers(app)
+    add_answer_routes(app, service)
+    add_read_routes(app, service)
+    add_openai_routes(app, memory, service.lock, service.allowed, default_model, answer_json, ANSWER_TOKENS,
+                      service.model_ready)
+    return app
 
-    def check_model(name: str | None) -> str:
-        name = name or default_model
-        if name not in allowed:
-            raise HTTPException(400, f"unknown model {name!r}; this server offers {', '.join(allowed)}")
-        return name
 
-    def ask_kwargs(req: AskRequest) -> dict:
-        model_ready()
-        return dict(model=check_model(req.model), mode=req.mode, k=req.k, max_new_tokens=req.max_new_tokens,
-                    filters=req.filters)
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def page() -> str:
-        return (STATIC / "index.html").read_text()
+def add_answer_routes(app: FastAPI, service: Service) -> None:
+    """POST /ask and /ask/stream: answers with their sources."""
+    memory, lock = service.memory, service.lock
 
     @app.post("/ask", summary="Answer a question, with sources ranked by attention")
     def ask(req: AskRequest) -> dict:
-        kwargs = ask_kwargs(req)
+        kwargs = service.ask_kwargs(req)
         with lock:
             return answer_json(memory.ask(req.question, **kwargs))
 
@@ -201,9 +223,10 @@ def create_app(memory: Memory, *, default_model: str | None = None, models: list
               description='One JSON object per line: {"type": "token", "text": ...} as the answer is generated, '
                           'then {"type": "answer", ...} (as POST /ask returns) or {"type": "error", "error": ...}.')
     def ask_stream(req: AskRequest) -> StreamingResponse:
-        kwargs = ask_kwargs(req)
+        kwargs = service.ask_kwargs(req)
         with lock:
             memory.require_chunks()  # refused with a 400 before the stream starts
+
         def lines():
             for kind, value in answer_events(memory, lock, req.question, **kwargs):
                 if kind == "answer":
@@ -214,31 +237,41 @@ def create_app(memory: Memory, *, default_model: str | None = None, models: list
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
+
+def add_read_routes(app: FastAPI, service: Service) -> None:
+    """The page, search, stats, models, documents and examples."""
+    memory, lock = service.memory, service.lock
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        return (STATIC / "index.html").read_text()
+
     @app.get("/search", summary="Retrieve chunks (hybrid, dense or lexical)")
     def search(q: str = Query(min_length=1, max_length=MAX_QUESTION_CHARS), k: int = Query(5, ge=1, le=50),
-               mode: Literal["hybrid", "dense", "lexical"] = "hybrid",
+               mode: Literal[SEARCH_MODES] = "hybrid",
                rerank: bool = Query(False, description="re-score the candidates with the second model")) -> dict:
         with lock:
             hits = memory.search(q, k=k, mode=mode, rerank=rerank)
-        return {"query": q, "mode": mode, "rerank": rerank, "hits": [{**h.to_dict(), "url": view_url(h.document_id, h.char_start,
-                                                                                     h.char_end)} for h in hits]}
+        return {"query": q, "mode": mode, "rerank": rerank,
+                "hits": [{**h.to_dict(), "url": view_url(h.document_id, h.char_start, h.char_end)} for h in hits]}
 
     @app.get("/stats", summary="Documents, chunks and tokens in the store")
     def stats() -> dict:
         with lock:
             stats = memory.stats()
-        if readiness:
-            stats["ready"] = readiness.status()
-        return {**stats, "kv_memory": warmer.status()} if warmer else stats
+        if service.readiness:
+            stats["ready"] = service.readiness.status()
+        return {**stats, "kv_memory": service.warmer.status()} if service.warmer else stats
 
     @app.get("/models", summary="Models this server can answer with")
     def list_models() -> dict:
         from memstore.model.backbone import preset_status
 
         presets = {p["name"]: p for p in preset_status()}
-        return {"default": default_model,
-                "models": [{**presets.get(name, {"name": name, "available": True}), "default": name == default_model}
-                           for name in allowed]}
+        default = service.default_model
+        return {"default": default,
+                "models": [{**presets.get(name, {"name": name, "available": True}), "default": name == default}
+                           for name in service.allowed]}
 
     @app.get("/documents/{document_id}", summary="A document: its metadata and text")
     def document(document_id: int) -> dict:
@@ -253,14 +286,9 @@ def create_app(memory: Memory, *, default_model: str | None = None, models: list
             text = memory.store.document_text(document_id)
         return document_page(info, text, start, end)
 
-    add_openai_routes(app, memory, lock, allowed, default_model, answer_json,
-                      AskRequest.model_fields["max_new_tokens"].default, model_ready)
-
     @app.get("/examples", include_in_schema=False)
     def example_questions() -> dict:
-        return {"title": title, "examples": examples or []}
-
-    return app
+        return {"title": service.title, "examples": service.examples}
 
 
 def error_response(request: Request, message: str, status: int) -> JSONResponse:
