@@ -164,6 +164,29 @@ class Decoder:
         timings["retrieval_s"] = time.perf_counter() - t
         t = time.perf_counter()
         n_follow = follow_slots if retrieve_every else 0
+        slots = self._memory_slots(question, parts, chunks, kv_for, n_follow, timings)
+        timings["memory_load_s"] = time.perf_counter() - t
+        logits, _ = slots.forward(parts.suffix)
+        follows = Follows(self, slots, parts, [None] * n_follow + list(chunks), kv_for,
+                          AnswerReader(question, follow or retrieve, n_follow), timings)
+
+        def step(ids: list[int], generated: list[int]) -> torch.Tensor:
+            logits = follows.refill(generated) if n_follow and len(generated) % retrieve_every == 0 else None
+            return slots.forward(ids)[0] if logits is None else logits
+
+        # at the end of the answer its last word is complete too: what it names may be read before it stops
+        generated = self._greedy(step, logits, max_new_tokens, on_token, started, timings,
+                                 on_end=(lambda gen: follows.refill(gen, finished=True)) if n_follow else None)
+        timings["generate_s"] = time.perf_counter() - started
+        kept = [(i, c) for i, c in enumerate(follows.held) if c is not None]
+        attention = self._slot_attention(slots, parts.suffix, generated)
+        return self._result(generated, [c for _, c in kept], [attention[i] for i, _ in kept], timings, started,
+                            follows.reader.follows)
+
+    def _memory_slots(self, question: str, parts: PromptParts, chunks: list[dict], kv_for: Callable, n_follow: int,
+                      timings: dict) -> SlotCache:
+        """The slot cache with the question's chunks in the last slots (follow slots first, empty), the
+        chunks far from the best one biased down, and the close ones read together where asked for."""
         layout = SlotLayout(len(parts.prefix), n_follow + max(1, len(chunks)), self.slot_len)
         slots = SlotCache(self.model, self.prefix(parts.prefix), layout)
         for i, kv in enumerate(kv_for(chunks, parts.prefix)):
@@ -176,45 +199,7 @@ class Decoder:
             slots.blend({n_follow + i: chunk_token_ids(self.tokenizer, chunks[i]["text"], self.slot_len)
                          for i in close})
             timings["blended_tokens"] = sum(slots.slot_tokens[n_follow + i] for i in close)
-        timings["memory_load_s"] = time.perf_counter() - t
-        logits, _ = slots.forward(parts.suffix)
-        reader = AnswerReader(question, follow or retrieve, n_follow)
-        held: list[dict | None] = [None] * n_follow + list(chunks)
-
-        def refill(generated: list[int], finished: bool = False) -> torch.Tensor | None:
-            """Logits over a newly filled follow slot, or None when the answer names nothing new."""
-            t = time.perf_counter()
-            turn = reader.read(self.tokenizer.decode(generated, skip_special_tokens=True),
-                               {c["chunk_id"]: c["text"] for c in held if c}, finished)
-            timings["retrieval_s"] += time.perf_counter() - t
-            if turn is None:
-                return None
-            lift = [i for i, c in enumerate(held) if c and c["chunk_id"] in turn.lift and slots.biased(i)]
-            if turn.chunk is None and not lift:
-                return None
-            for i in lift:
-                slots.set_bias(i, 0.0)
-            if turn.chunk is not None:
-                [kv] = kv_for([turn.chunk], parts.prefix)
-                slots.fill(turn.slot, kv)
-                for other in range(n_follow):  # only the newest follow is unbiased: it is what the answer turned to
-                    slots.set_bias(other, 0.0 if other == turn.slot else self.slot_bias)
-                held[turn.slot] = turn.chunk
-            slots.drop_local()
-            return slots.forward(parts.suffix + generated)[0]
-
-        def step(ids: list[int], generated: list[int]) -> torch.Tensor:
-            logits = refill(generated) if n_follow and len(generated) % retrieve_every == 0 else None
-            return slots.forward(ids)[0] if logits is None else logits
-
-        # at the end of the answer its last word is complete too: what it names may be read before it stops
-        generated = self._greedy(step, logits, max_new_tokens, on_token, started, timings,
-                                 on_end=(lambda gen: refill(gen, finished=True)) if n_follow else None)
-        timings["generate_s"] = time.perf_counter() - started
-        kept = [(i, c) for i, c in enumerate(held) if c is not None]
-        attention = self._slot_attention(slots, parts.suffix, generated)
-        return self._result(generated, [c for _, c in kept], [attention[i] for i, _ in kept], timings, started,
-                            reader.follows)
+        return slots
 
     def _slot_attention(self, slots: SlotCache, suffix: list[int], generated: list[int]) -> list[float]:
         """Attention mass the answer tokens put on each slot (mean over layers and heads)."""
@@ -340,6 +325,40 @@ class Turn:
     slot: int | None = None
     chunk: dict | None = None
     lift: list[int] = field(default_factory=list)
+
+
+class Follows:
+    """One memory-mode answer's follow slots: where the answer turns (AnswerReader), the slots change."""
+
+    def __init__(self, decoder: Decoder, slots: SlotCache, parts: PromptParts, held: list[dict | None],
+                 kv_for: Callable, reader: AnswerReader, timings: dict):
+        self.decoder, self.slots, self.parts, self.kv_for, self.reader = decoder, slots, parts, kv_for, reader
+        self.held = held  # the chunk in each slot (None: an empty follow slot)
+        self.timings = timings
+
+    def refill(self, generated: list[int], finished: bool = False) -> torch.Tensor | None:
+        """Logits after the slots changed (the local tokens re-run over them), or None when the answer
+        names nothing new."""
+        t = time.perf_counter()
+        text = self.decoder.tokenizer.decode(generated, skip_special_tokens=True)
+        turn = self.reader.read(text, {c["chunk_id"]: c["text"] for c in self.held if c}, finished)
+        self.timings["retrieval_s"] += time.perf_counter() - t
+        if turn is None:
+            return None
+        slots = self.slots
+        lift = [i for i, c in enumerate(self.held) if c and c["chunk_id"] in turn.lift and slots.biased(i)]
+        if turn.chunk is None and not lift:
+            return None
+        for i in lift:
+            slots.set_bias(i, 0.0)
+        if turn.chunk is not None:
+            [kv] = self.kv_for([turn.chunk], self.parts.prefix)
+            slots.fill(turn.slot, kv)
+            for other in range(self.reader.n_slots):  # only the newest follow is unbiased: it is what the answer turned to
+                slots.set_bias(other, 0.0 if other == turn.slot else self.decoder.slot_bias)
+            self.held[turn.slot] = turn.chunk
+        slots.drop_local()
+        return slots.forward(self.parts.suffix + generated)[0]
 
 
 def _named_terms(text: str) -> list[str]:
