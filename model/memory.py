@@ -8,7 +8,7 @@ The prompt is laid out as
 Each slot holds one retrieved chunk's keys and values. A chunk is encoded once, after the
 shared prefix (so it reads like the start of a document list), and its keys are stored
 un-rotated (RoPE removed). Placing it in slot i rotates the keys to positions P+i*S...;
-a chunk shorter than S leaves masked padding. Because RoPE is a rotation, rotating a key
+a chunk shorter than S leaves a gap in positions (the cache holds only real tokens). Because RoPE is a rotation, rotating a key
 by position p equals computing it at p: the model reads the slot as if the chunk had been
 in the prompt at that place, without re-running it.
 """
@@ -140,42 +140,77 @@ class SlotLayout:
 
 
 class SlotCache:
-    """A DynamicCache whose first P + k*S positions are the prefix and k memory slots."""
+    """A DynamicCache holding the prefix and k memory slots, then the local tokens.
+
+    RoPE positions follow the layout (slot i at P + i*S ..., the local tokens from P + k*S), but
+    the cache holds only the slots' real tokens, back to back: a chunk shorter than S leaves a
+    gap in positions, not masked padding that every decoding step would attend over (with k=4
+    and two follow slots of 256, about half the memory positions were padding).
+    """
 
     def __init__(self, model, prefix: DynamicCache, layout: SlotLayout):
         self.model, self.layout = model, layout
-        P, end = layout.prefix_len, layout.memory_end
-        layers = []
-        for k, v in cache_layers(prefix):
-            _, H, _, D = k.shape
-            keys = torch.zeros((1, H, end, D), dtype=k.dtype)
-            values = torch.zeros((1, H, end, D), dtype=v.dtype)
-            keys[:, :, :P], values[:, :, :P] = k, v
-            layers.append((keys, values))
-        self.cache = DynamicCache(ddp_cache_data=layers)
-        self.mask = torch.zeros(end, dtype=torch.long)  # 1 = attend, 0 = empty slot padding
-        self.mask[:P] = 1
-        self.bias = torch.zeros(end)  # added to the attention logits of queries onto these positions
+        self.prefix = cache_layers(prefix)
+        self.slot_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * layout.n_slots  # (L, H, T, D) each
         self.slot_tokens = [0] * layout.n_slots  # how many real tokens each slot holds
+        self.slot_bias = [0.0] * layout.n_slots  # added to the attention logits of queries onto the slot
         cos, sin = rope_cos_sin(model, torch.arange(layout.memory_end))
         self._cos, self._sin = cos, sin
+        self._dirty = True
+        self.cache = DynamicCache()
+        self._build()
+
+    @property
+    def memory_len(self) -> int:
+        """Cache entries before the local tokens: the prefix and the slots' real tokens."""
+        return self.layout.prefix_len + sum(self.slot_tokens)
 
     def fill(self, i: int, kv: np.ndarray) -> None:
-        """Place one chunk's (2, L, H, T, D) memory in slot i, rotated to the slot's positions."""
+        """Place one chunk's (2, L, H, T, D) memory in slot i, rotated to the slot's positions. The local
+        tokens are dropped (run them again over the new memory)."""
         kv = torch.from_numpy(np.asarray(kv, dtype=np.float32))
         T = min(kv.shape[3], self.layout.slot_len)
         a = self.layout.slot_start(i)
-        dtype = self.cache.layers[0].keys.dtype
+        dtype = self.prefix[0][0].dtype
         keys = rotate(kv[0, :, :, :T], self._cos[a:a + T], self._sin[a:a + T]).to(dtype)  # (L, H, T, D)
-        values = kv[1, :, :, :T].to(dtype)
-        for layer_idx, layer in enumerate(self.cache.layers):
-            layer.keys[0, :, a:a + self.layout.slot_len] = 0
-            layer.values[0, :, a:a + self.layout.slot_len] = 0
-            layer.keys[0, :, a:a + T] = keys[layer_idx]
-            layer.values[0, :, a:a + T] = values[layer_idx]
-        self.mask[a:a + self.layout.slot_len] = 0
-        self.mask[a:a + T] = 1
+        self.slot_kv[i] = (keys, kv[1, :, :, :T].to(dtype))
         self.slot_tokens[i] = T
+        self._dirty = True
+
+    def _build(self) -> None:
+        """The cache: prefix, then each filled slot's tokens, nothing local."""
+        layers = []
+        for layer, (k, v) in enumerate(self.prefix):
+            keys = [k] + [kv[0][layer][None] for kv in self.slot_kv if kv is not None]
+            values = [v] + [kv[1][layer][None] for kv in self.slot_kv if kv is not None]
+            layers.append((torch.cat(keys, dim=2), torch.cat(values, dim=2)))
+        self.cache = DynamicCache(ddp_cache_data=layers)
+        self._dirty = False
+
+    def _ready(self) -> None:
+        if self._dirty:
+            self._build()
+
+    def _slot_cache_spans(self) -> list[tuple[int, int]]:
+        """Each slot's (start, end) in the cache."""
+        spans, at = [], self.layout.prefix_len
+        for t in self.slot_tokens:
+            spans.append((at, at + t))
+            at += t
+        return spans
+
+    def _memory_positions(self) -> torch.Tensor:
+        """The RoPE position of every memory entry of the cache."""
+        parts = [torch.arange(self.layout.prefix_len)]
+        parts += [torch.arange(self.layout.slot_start(i), self.layout.slot_start(i) + t)
+                  for i, t in enumerate(self.slot_tokens)]
+        return torch.cat(parts)
+
+    def _memory_bias(self) -> torch.Tensor:
+        bias = torch.zeros(self.memory_len)
+        for (a, b), value in zip(self._slot_cache_spans(), self.slot_bias):
+            bias[a:b] = value
+        return bias
 
     @torch.no_grad()
     def blend(self, slot_ids: dict[int, list[int]]) -> None:
@@ -188,61 +223,68 @@ class SlotCache:
         stale copies of the recomputed tokens masked out) gives them that cross-slot view, at
         the cost of a prefill of those tokens only.
         """
-        positions, ids = [], []
+        self._ready()
+        self.drop_local()
+        spans = self._slot_cache_spans()
+        index, ids = [], []
         for i in sorted(slot_ids):
-            span = self.slot_positions(i)
-            positions += span
-            ids += slot_ids[i][:len(span)]
-        if not positions:
+            a, b = spans[i]
+            index += range(a, b)
+            ids += slot_ids[i][:b - a]
+        if not index:
             return
-        end = self.layout.memory_end
-        pos = torch.tensor(positions)
-        n = len(positions)
-        memory = torch.zeros(end).masked_fill(self.mask == 0, float("-inf")).expand(n, -1).clone()  # no slot bias
-        memory[:, pos] = float("-inf")  # the stale copies of the tokens being recomputed
-        memory = memory.masked_fill(torch.arange(end)[None, :] >= pos[:, None], float("-inf"))  # causal
+        end = self.memory_len
+        idx = torch.tensor(index)
+        positions = self._memory_positions()
+        pos = positions[idx]
+        n = len(index)
+        memory = torch.zeros(n, end)  # no slot bias
+        memory[:, idx] = float("-inf")  # the stale copies of the tokens being recomputed
+        memory = memory.masked_fill(positions[None, :] >= pos[:, None], float("-inf"))  # causal, by position
         fresh = torch.full((n, n), float("-inf")).triu(1)
         mask = torch.cat([memory, fresh], dim=1)[None, None].to(self.cache.layers[0].keys.dtype)
         self.model.model(input_ids=torch.tensor([ids]), **cache_arg(self.model, self.cache),
                          position_ids=pos.view(1, -1), attention_mask=mask, use_cache=True)
         for layer in self.cache.layers:
-            layer.keys[0, :, pos] = layer.keys[0, :, end:end + n]
-            layer.values[0, :, pos] = layer.values[0, :, end:end + n]
+            layer.keys[0, :, idx] = layer.keys[0, :, end:end + n]
+            layer.values[0, :, idx] = layer.values[0, :, end:end + n]
         crop_to(self.cache, end)
+        for i in slot_ids:  # keep the recomputed memory if the cache is rebuilt (a later fill)
+            a, b = spans[i]
+            self.slot_kv[i] = (torch.stack([layer.keys[0, :, a:b] for layer in self.cache.layers]),
+                               torch.stack([layer.values[0, :, a:b] for layer in self.cache.layers]))
 
     def set_bias(self, i: int, bias: float) -> None:
         """Add `bias` to every attention logit onto slot i (its attention weight times e^bias)."""
-        a = self.layout.slot_start(i)
-        self.bias[a:a + self.layout.slot_len] = bias
+        self.slot_bias[i] = bias
 
     def biased(self, i: int) -> bool:
-        return bool(self.bias[self.layout.slot_start(i)] != 0)
+        return self.slot_bias[i] != 0
 
     def drop_local(self) -> None:
         """Forget everything after the slots (question and generated tokens)."""
-        crop_to(self.cache, self.layout.memory_end)
+        if not self._dirty:
+            crop_to(self.cache, self.memory_len)
 
     @torch.no_grad()
     def forward(self, input_ids: list[int], output_attentions: bool = False) -> tuple[torch.Tensor, object]:
         """Run new local tokens after whatever the cache holds: (last position's logits, body output)."""
-        past = self.cache.get_seq_length()
+        self._ready()
         n = len(input_ids)
-        offset = past - self.layout.memory_end  # local tokens so far
+        offset = self.cache.get_seq_length() - self.memory_len  # local tokens so far
         positions = torch.arange(self.layout.memory_end + offset, self.layout.memory_end + offset + n)
         return last_logits(self.model, input_ids=torch.tensor([input_ids]), **cache_arg(self.model, self.cache),
                            position_ids=positions.view(1, -1), attention_mask=self._attention_mask(n, offset),
                            use_cache=True, output_attentions=output_attentions)
 
     def _attention_mask(self, n: int, offset: int) -> torch.Tensor:
-        """(1, 1, n, memory_end + offset + n) additive mask for n new local tokens after `offset` older
-        ones: the slot biases on the memory, -inf on empty slot padding, causal over local tokens."""
-        memory = self.bias.masked_fill(self.mask == 0, float("-inf")).expand(n, -1)
+        """(1, 1, n, memory_len + offset + n) additive mask for n new local tokens after `offset` older
+        ones: the slot biases on the memory, causal over local tokens."""
+        memory = self._memory_bias().expand(n, -1)
         local = torch.full((n, offset + n), float("-inf")).triu(offset + 1)
         return torch.cat([memory, local], dim=1)[None, None].to(self.cache.layers[0].keys.dtype)
 
-    def slot_positions(self, i: int) -> range:
-        """The cache positions of slot i's real tokens."""
-        return range(self.layout.slot_start(i), self.layout.slot_start(i) + self.slot_tokens[i])
-
     def slot_spans(self) -> list[tuple[int, int]]:
-        return [(self.layout.slot_start(i), self.layout.slot_start(i) + t) for i, t in enumerate(self.slot_tokens)]
+        """Each slot's (start, end) in the cache: where the answer's attention onto it is read."""
+        self._ready()
+        return self._slot_cache_spans()

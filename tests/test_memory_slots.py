@@ -261,7 +261,7 @@ def test_blending_every_slot_token_equals_the_prompt_it_replaces(tiny):
         slots.fill(1, kvs[1])
         if blend:
             slots.blend({0: chunks[0], 1: chunks[1]})
-            assert slots.cache.get_seq_length() == slots.layout.memory_end  # the recomputed copies are put in place
+            assert slots.cache.get_seq_length() == slots.memory_len  # the recomputed copies are put in place
         return slots.forward(question)[0]
 
     with torch.no_grad():  # the same prompt, with the two-position gap that slot 1 leaves after its chunk
