@@ -99,28 +99,33 @@ def cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]
 def encode_chunks(model, prefix: DynamicCache, chunks: list[list[int]]) -> list[np.ndarray]:
     """Per-chunk (2, layers, kv_heads, T, head_dim) fp16 arrays: un-rotated keys, and values.
 
-    Chunks are run as one right-padded batch after the shared prefix: a causal model never
-    lets a real token see the padding that follows it, so no mask is needed.
+    The chunks run packed in one sequence after the shared prefix, each at the positions it would
+    have alone (P, P+1, ...) and attending to the prefix and its own earlier tokens only: the same
+    memory as one chunk at a time, in one pass, with no padding (a right-padded batch computed
+    every chunk to the longest one's length).
     """
+    chunks = [c for c in chunks]
     if not chunks:
         return []
     P = prefix.get_seq_length()
-    T = max(len(c) for c in chunks)
-    ids = torch.zeros((len(chunks), T), dtype=torch.long)
-    for row, c in enumerate(chunks):
-        ids[row, :len(c)] = torch.tensor(c)
-    batch_prefix = DynamicCache(ddp_cache_data=[(k.expand(len(chunks), -1, -1, -1), v.expand(len(chunks), -1, -1, -1))
-                                                for k, v in cache_layers(prefix)])
-    positions = torch.arange(P, P + T)
+    lengths = [len(c) for c in chunks]
+    owner = torch.repeat_interleave(torch.arange(len(chunks)), torch.tensor(lengths))  # chunk of each token
+    positions = torch.cat([torch.arange(P, P + n) for n in lengths])
+    n = len(owner)
+    own = (owner[:, None] == owner[None, :]) & (positions[None, :] <= positions[:, None])
+    dtype = cache_layers(prefix)[0][0].dtype
+    mask = torch.cat([torch.zeros(n, P), torch.zeros(n, n).masked_fill(~own, float("-inf"))], dim=1)[None, None]
+    cache = DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in cache_layers(prefix)])
     # the decoder body only: the LM head's logits for every chunk token would cost a quarter of the time
-    model.model(input_ids=ids, **cache_arg(model, batch_prefix), position_ids=positions.expand(len(chunks), -1),
-                use_cache=True)
+    model.model(input_ids=torch.tensor([[t for c in chunks for t in c]]), **cache_arg(model, cache),
+                position_ids=positions.view(1, -1), attention_mask=mask.to(dtype), use_cache=True)
     cos, sin = rope_cos_sin(model, positions)
-    keys = torch.stack([layer.keys[:, :, P:, :] for layer in batch_prefix.layers], dim=1)  # (B, L, H, T, D)
-    values = torch.stack([layer.values[:, :, P:, :] for layer in batch_prefix.layers], dim=1)
+    keys = torch.stack([layer.keys[0, :, P:, :] for layer in cache.layers])  # (L, H, n, D)
+    values = torch.stack([layer.values[0, :, P:, :] for layer in cache.layers])
     keys = unrotate(keys.float(), cos, sin)
-    out = torch.stack([keys, values.float()], dim=1).to(torch.float16).numpy()  # (B, 2, L, H, T, D)
-    return [out[row, :, :, :, :len(c), :] for row, c in enumerate(chunks)]
+    out = torch.stack([keys, values.float()]).to(torch.float16).numpy()  # (2, L, H, n, D)
+    starts = np.cumsum([0] + lengths)
+    return [out[:, :, :, a:b, :] for a, b in zip(starts[:-1], starts[1:])]
 
 
 # ---- the slot cache --------------------------------------------------------------------------

@@ -59,6 +59,18 @@ def test_one_slot_is_the_prompt_it_replaces(tiny):
     torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)  # fp16 storage of the memory
 
 
+def test_chunks_encoded_together_equal_chunks_encoded_alone(tiny):
+    """Packed in one pass, each chunk sees the prefix and itself only, at its own positions."""
+    prefix_cache = prefill(tiny, [1, 2, 3])
+    chunks = [[10, 11, 12], [30, 31, 32, 33, 34, 35], [40]]
+    together = encode_chunks(tiny, prefix_cache, chunks)
+    for chunk, got in zip(chunks, together):
+        [alone] = encode_chunks(tiny, prefix_cache, [chunk])
+        assert got.shape == alone.shape == (2, 2, 2, len(chunk), 16)
+        np.testing.assert_allclose(got.astype(np.float32), alone.astype(np.float32), atol=2e-3)
+    assert prefix_cache.get_seq_length() == 3  # the shared prefix is left as it was
+
+
 def test_the_cache_goes_by_the_name_the_installed_transformers_takes(tiny):
     """No deprecation warning per forward pass: past_key_values= warns once renamed to cache=."""
     [name] = cache_arg(tiny, None)
