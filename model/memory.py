@@ -162,6 +162,8 @@ class SlotCache:
         cos, sin = rope_cos_sin(model, torch.arange(layout.memory_end))
         self._cos, self._sin = cos, sin
         self._dirty = True
+        self._bias_key: tuple | None = None
+        self._bias = torch.zeros(0)
         self.cache = DynamicCache()
         self._build()
 
@@ -212,10 +214,14 @@ class SlotCache:
         return torch.cat(parts)
 
     def _memory_bias(self) -> torch.Tensor:
-        bias = torch.zeros(self.memory_len)
-        for (a, b), value in zip(self._slot_cache_spans(), self.slot_bias):
-            bias[a:b] = value
-        return bias
+        """The slot biases over the memory entries, in the cache's dtype (kept until a slot changes)."""
+        key = (tuple(self.slot_tokens), tuple(self.slot_bias))
+        if self._bias_key != key:
+            bias = torch.zeros(self.memory_len)
+            for (a, b), value in zip(self._slot_cache_spans(), self.slot_bias):
+                bias[a:b] = value
+            self._bias, self._bias_key = bias.to(self.prefix[0][0].dtype), key
+        return self._bias
 
     @torch.no_grad()
     def blend(self, slot_ids: dict[int, list[int]]) -> None:
@@ -286,8 +292,8 @@ class SlotCache:
         """(1, 1, n, memory_len + offset + n) additive mask for n new local tokens after `offset` older
         ones: the slot biases on the memory, causal over local tokens."""
         memory = self._memory_bias().expand(n, -1)
-        local = torch.full((n, offset + n), float("-inf")).triu(offset + 1)
-        return torch.cat([memory, local], dim=1)[None, None].to(self.cache.layers[0].keys.dtype)
+        local = torch.full((n, offset + n), float("-inf"), dtype=memory.dtype).triu(offset + 1)
+        return torch.cat([memory, local], dim=1)[None, None]
 
     def slot_spans(self) -> list[tuple[int, int]]:
         """Each slot's (start, end) in the cache: where the answer's attention onto it is read."""
