@@ -95,18 +95,31 @@ def cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-@torch.no_grad()
+# Tokens per packed pass of encode_chunks. Every token of a pack attends over the whole pack (the
+# mask hides the other chunks but is computed): long packs spend more on attention than padding saves.
+PACK_TOKENS = 1024
+
+
 def encode_chunks(model, prefix: DynamicCache, chunks: list[list[int]]) -> list[np.ndarray]:
     """Per-chunk (2, layers, kv_heads, T, head_dim) fp16 arrays: un-rotated keys, and values.
 
-    The chunks run packed in one sequence after the shared prefix, each at the positions it would
-    have alone (P, P+1, ...) and attending to the prefix and its own earlier tokens only: the same
-    memory as one chunk at a time, in one pass, with no padding (a right-padded batch computed
-    every chunk to the longest one's length).
+    Chunks run packed into sequences of at most PACK_TOKENS after the shared prefix, each at the
+    positions it would have alone (P, P+1, ...) and attending to the prefix and its own earlier
+    tokens only: the same memory as one chunk at a time, with no padding (a right-padded batch
+    computed every chunk to the longest one's length).
     """
-    chunks = [c for c in chunks]
-    if not chunks:
-        return []
+    out: list[np.ndarray] = []
+    pack: list[list[int]] = []
+    for chunk in chunks:
+        if pack and sum(map(len, pack)) + len(chunk) > PACK_TOKENS:
+            out += _encode_pack(model, prefix, pack)
+            pack = []
+        pack.append(chunk)
+    return out + (_encode_pack(model, prefix, pack) if pack else [])
+
+
+@torch.no_grad()
+def _encode_pack(model, prefix: DynamicCache, chunks: list[list[int]]) -> list[np.ndarray]:
     P = prefix.get_seq_length()
     lengths = [len(c) for c in chunks]
     owner = torch.repeat_interleave(torch.arange(len(chunks)), torch.tensor(lengths))  # chunk of each token

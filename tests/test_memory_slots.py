@@ -59,11 +59,16 @@ def test_one_slot_is_the_prompt_it_replaces(tiny):
     torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)  # fp16 storage of the memory
 
 
-def test_chunks_encoded_together_equal_chunks_encoded_alone(tiny):
-    """Packed in one pass, each chunk sees the prefix and itself only, at its own positions."""
+@pytest.mark.parametrize("pack_tokens", [1024, 7])
+def test_chunks_encoded_together_equal_chunks_encoded_alone(tiny, pack_tokens, monkeypatch):
+    """Packed in one pass (or several, past PACK_TOKENS), each chunk sees the prefix and itself only."""
+    from memstore.model import memory
+
+    monkeypatch.setattr(memory, "PACK_TOKENS", pack_tokens)
     prefix_cache = prefill(tiny, [1, 2, 3])
     chunks = [[10, 11, 12], [30, 31, 32, 33, 34, 35], [40]]
     together = encode_chunks(tiny, prefix_cache, chunks)
+    assert len(together) == 3
     for chunk, got in zip(chunks, together):
         [alone] = encode_chunks(tiny, prefix_cache, [chunk])
         assert got.shape == alone.shape == (2, 2, 2, len(chunk), 16)
