@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import longctx  # noqa: E402
 import niah  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 import memstore  # noqa: E402
 
@@ -65,7 +66,7 @@ def main() -> None:
            for m in ("rag", "memory")}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     report = {"benchmark": "decode_speed", "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit,
-              "cpu": longctx._cpu_name(), "torch_threads": 1, "model": args.model,
+              "cpu": cpu_name(), "torch_threads": 1, "model": args.model,
               "median_tokens_per_s": med, "memory_over_rag": round(med["memory"] / med["rag"], 3), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))

@@ -24,7 +24,7 @@ import numpy as np
 from sqlalchemy import select
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from longctx import _cpu_name as cpu_name  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 from memstore.store import ChunkIn, DocumentIn, MemoryStore  # noqa: E402
 from memstore.store.schema import Document  # noqa: E402

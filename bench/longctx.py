@@ -51,7 +51,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import argparse  # noqa: E402
 import bisect  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
@@ -62,6 +61,7 @@ from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import niah  # noqa: E402  (bench/ is on sys.path when this file is run as a script)
+from machine import cpu_name  # noqa: E402
 
 import memstore  # noqa: E402
 from memstore.model.answer import Answerer  # noqa: E402
@@ -482,7 +482,7 @@ def run(args) -> dict:
     rows = json.loads(args.out.read_text())["trials"] if args.resume and args.out.exists() else []
     done = {trial_key(r) for r in rows}
     report = {"benchmark": "longctx", "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-              "machine": {"cpu": _cpu_name(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+              "machine": {"cpu": cpu_name(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "torch": torch.__version__, "load_avg_start": niah.load_avg()},
               "settings": {"model": answerer.backbone.name, "window": answerer.backbone.max_positions, "k": args.k,
                            "max_new_tokens": args.max_new_tokens, "document_tokens": DOC_TOKENS,
@@ -533,16 +533,6 @@ def run(args) -> dict:
     report["machine"]["load_avg_end"] = niah.load_avg()
     write_json(args.out, report)
     return report
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_qa import QUESTIONS  # noqa: E402
-from longctx import _cpu_name as cpu_name  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 FORMATS = ("float32", "bfloat16", "int8")
@@ -168,6 +168,7 @@ def build_demo_store(root: Path) -> None:
 def measure(args) -> dict:
     from memstore.model.quant import probe
 
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     text = json.loads(TEXT.open().readline())["text"]
     out = {"isa": args.isa, "cpu": cpu_name(), "flags": cpu_flags(), "torch_threads": torch.get_num_threads(),
@@ -239,6 +240,7 @@ def main() -> None:
                         help="also time cold and warm answers on the bundled demo pages")
     parser.add_argument("--answer-formats", nargs="+", default=["auto"], help="weight formats to answer with")
     parser.add_argument("--questions", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: every core, as users run)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/speed.json"))
     parser.add_argument("--isa", default=None, help=argparse.SUPPRESS)  # set in the per-ISA child process
     parser.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -253,7 +255,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--isa", isa, "--child-out", str(child_out), "--presets", *args.presets,
                "--formats", *args.formats, "--prefill-tokens", str(args.prefill_tokens),
                "--answer-formats", *args.answer_formats, "--questions", str(args.questions),
-               "--answers" if args.answers else "--no-answers"]
+               "--threads", str(args.threads), "--answers" if args.answers else "--no-answers"]
         subprocess.run(cmd, env=env, check=True)
         runs.append(json.loads(child_out.read_text()))
         child_out.unlink()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import zoo  # noqa: E402
-from longctx import _cpu_name as cpu_name  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
