@@ -92,7 +92,8 @@ class Probe:
         """Whether int8 weights decode faster than dense ones. The probe times one core, but decoding
         runs on all of them and is then bound by memory bandwidth, of which int8 weights need a quarter
         of float32's (half of bfloat16's): a kernel up to INT8_PER_CORE_SLACK times slower per core
-        still decodes faster (bench/results/speed_avx2.json: equal per core, 1.7x faster decoding)."""
+        still decodes faster (on an AVX2-only EPYC the two tie on one core and int8 decodes faster on
+        two: bench/results/speed_avx2.json)."""
         return bool(self.int8_ms) and self.int8_ms[1] < INT8_PER_CORE_SLACK * self.dense_ms[self.compute_dtype][1]
 
 

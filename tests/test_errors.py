@@ -49,6 +49,9 @@ def test_every_exception_class_in_memstore_is_a_memstore_error():
 
 
 def test_cli_exits_with_the_errors_code_and_a_bug_with_3(store, monkeypatch):
+    from memstore import cli
+
+    monkeypatch.setattr(cli.VERBOSE, "enabled", False)  # an earlier --verbose in this process left it on
     empty = CliRunner().invoke(main, ["search", " ", "--store", str(store)])
     assert empty.exit_code == 2 and "the query is empty" in empty.output
 
