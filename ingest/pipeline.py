@@ -18,13 +18,7 @@ from pathlib import Path
 
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from memstore.errors import (
-    EmbedderMismatchError,
-    IndexCorruptError,
-    InvalidInputError,
-    SchemaTooNewError,
-    StoreLockedError,
-)
+from memstore.errors import InvalidInputError, StoreError
 from memstore.ingest.chunking import Chunker, ChunkerConfig
 from memstore.ingest.embed import Embedder
 from memstore.ingest.loaders import LoadError, Unsupported, codec_name, load, one_line
@@ -33,7 +27,7 @@ from memstore.store import ChunkIn, DocumentIn, MemoryStore
 
 log = logging.getLogger("memstore.ingest")
 # failures of the store itself end the run: no later file could be written either
-STORE_ERRORS = (OperationalError, StoreLockedError, IndexCorruptError, EmbedderMismatchError, SchemaTooNewError)
+STORE_ERRORS = (OperationalError, StoreError)
 
 STREAM_AFTER = 2048  # a document with more chunks than this is written batch by batch
 

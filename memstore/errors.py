@@ -52,25 +52,29 @@ class Unsupported(LoadError):
     """A file of a kind memstore does not read (skipped, not failed)."""
 
 
-class EmbedderMismatchError(MemstoreError):
+class StoreError(MemstoreError):
+    """The store itself cannot take the write (an ingest run ends: no later file could be written either)."""
+
+
+class EmbedderMismatchError(StoreError):
     """Vectors from a different embedder than the one the store was built with."""
 
     http_status = 409
 
 
-class SchemaTooNewError(MemstoreError):
+class SchemaTooNewError(StoreError):
     """The database was written by a newer memstore than this one."""
 
     http_status = 409
 
 
-class IndexCorruptError(MemstoreError):
+class IndexCorruptError(StoreError):
     """The FAISS index file cannot be read (`memstore check --repair` rebuilds it from SQL)."""
 
     http_status = 503
 
 
-class StoreLockedError(MemstoreError):
+class StoreLockedError(StoreError):
     """Another process holds the store's write lock for longer than this one waits."""
 
     http_status = 503
