@@ -18,8 +18,6 @@ SNIFF_BYTES = 8192
 STREAM_BYTES = 1 << 20
 
 
-
-
 @dataclass
 class Block:
     text: str  # includes the separator that follows it, so blocks tile the document

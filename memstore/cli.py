@@ -24,7 +24,6 @@ from memstore.settings import (
 log = logging.getLogger("memstore.cli")
 
 
-
 class Fail(click.ClickException):
     """A one-line error for bad input or setup; exit code 2 unless the error says otherwise."""
 

@@ -8,9 +8,10 @@ The prompt is laid out as
 Each slot holds one retrieved chunk's keys and values. A chunk is encoded once, after the
 shared prefix (so it reads like the start of a document list), and its keys are stored
 un-rotated (RoPE removed). Placing it in slot i rotates the keys to positions P+i*S...;
-a chunk shorter than S leaves a gap in positions (the cache holds only real tokens). Because RoPE is a rotation, rotating a key
-by position p equals computing it at p: the model reads the slot as if the chunk had been
-in the prompt at that place, without re-running it.
+a chunk shorter than S leaves a gap in positions (the cache holds only real tokens).
+Because RoPE is a rotation, rotating a key by position p equals computing it at p: the
+model reads the slot as if the chunk had been in the prompt at that place, without
+re-running it.
 """
 from __future__ import annotations
 
@@ -174,11 +175,9 @@ class SlotCache:
         self.slot_bias = [0.0] * layout.n_slots  # added to the attention logits of queries onto the slot
         cos, sin = rope_cos_sin(model, torch.arange(layout.memory_end))
         self._cos, self._sin = cos, sin
-        self._dirty = True
         self._bias_key: tuple | None = None
         self._bias = torch.zeros(0)
-        self.cache = DynamicCache()
-        self._build()
+        self._build()  # sets self.cache and self._dirty
 
     @property
     def memory_len(self) -> int:

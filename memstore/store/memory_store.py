@@ -29,9 +29,8 @@ from memstore.store import db
 from memstore.store.consistency import Consistency
 from memstore.store.index import IndexConfig, VectorIndex
 from memstore.store.reads import Reads
-from memstore.store.records import Candidates, ChunkIn, DocumentIn, Hit, HybridScores
 from memstore.store.schema import Setting
-from memstore.store.search import HYBRID_CANDIDATES, Search
+from memstore.store.search import Search
 from memstore.store.writes import Writes
 
 DB_FILE = "memstore.db"
@@ -183,6 +182,3 @@ class MemoryStore(Writes, Search, Reads, Consistency):
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-__all__ = ["DB_FILE", "HYBRID_CANDIDATES", "Candidates", "ChunkIn", "DocumentIn", "Hit", "HybridScores",
-           "MemoryStore", "resolve_target"]
