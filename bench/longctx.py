@@ -25,7 +25,8 @@ tasks (values, keys and names are drawn from a seeded generator, so a trial is r
 modes: truncate (the haystack in order cut to the window; slow, so only up to --truncate-max
 tokens), rag (the k retrieved chunks pasted as text), memory_once (memory slots filled once
 from the question: retrieve_every=0), memory (the API's default memory mode) and
-memory_unblended (memory mode without the joint recompute of the slots close to the best).
+memory_unblended (memory mode without the joint recompute of the slots close to the best) and
+memory_unfocused (memory mode whose slots not holding the answer's new term keep their bias).
 
 Stores: each length's filler store is built once and cached under bench/data/longctx/
 (git-ignored), each length a copy of the previous one plus what it lacks. A trial re-adds the
@@ -72,7 +73,7 @@ DEV_QAS = DEV_DOCS.with_name("newwiki_longdoc.qas.jsonl")
 TASKS = ("niah_number", "niah_uuid", "niah_word", "multikey", "multivalue", "multiquery", "vartrack", "twohop",
          "qa", "aggregation")
 RETRIEVAL_TASKS = tuple(t for t in TASKS if t != "aggregation")
-MODES = ("truncate", "rag", "memory_once", "memory", "memory_unblended")
+MODES = ("truncate", "rag", "memory_once", "memory", "memory_unblended", "memory_unfocused")
 LENGTHS = ("8k", "32k", "128k", "1M")
 DOC_TOKENS = 500  # small filler documents: a trial re-embeds each one it hides a fact in
 EFFECTIVE = 0.85  # RULER's threshold for an effective length (Llama-2-7B's score at 4k)
@@ -316,6 +317,7 @@ def run_trial(mem, answerer, docs, cum, task: str, length: int, seed: int, modes
                                    document_text=lambda: haystack_text(docs, texts, budget + 512))
             else:
                 answerer.decoder.blend = mode != "memory_unblended"
+                answerer.decoder.focus = mode != "memory_unfocused"
                 ans = mem.ask(case.question, model=args.model, mode="rag" if mode == "rag" else "memory", k=args.k,
                               max_new_tokens=args.max_new_tokens, retrieve_every=0 if mode == "memory_once" else 1)
             seen = {s.chunk_id for s in ans.sources}

@@ -40,6 +40,8 @@ BLEND = True
 # "what are ...", or a second question joined by ", and what ...".
 SEVERAL = re.compile(r"\b(all|both|list|each|every)\b|^\s*(what|which|who|where)\s+(are|were)\b"
                      r"|,\s*and\s+(what|who|which|where|when|how)\b|\b(what|which)\s+\w+s\s+(are|were)\b", re.I)
+# Where the answer names a new term, the slots that do not hold it are biased down (Follows._steer).
+FOCUS = True
 # Memory slots that the answer's own new terms fill (AnswerReader), besides the question's k.
 FOLLOW_SLOTS = 2
 DOCS_MARK = "\x00DOCS\x00"
@@ -88,12 +90,13 @@ class Decoder:
     """Holds a backbone and what can be reused across questions (prefix caches)."""
 
     def __init__(self, model, tokenizer, *, max_positions: int, slot_len: int = 256, slot_bias: float = SLOT_BIAS,
-                 blend: bool = BLEND):
+                 blend: bool = BLEND, focus: bool = FOCUS):
         self.model, self.tokenizer = model, tokenizer
         self.max_positions = max_positions
         self.slot_len = slot_len
         self.slot_bias = slot_bias
         self.blend = blend
+        self.focus = focus
         self.eos = eos_ids(tokenizer, model)
         self._prefix_cache: dict[tuple, object] = {}
 
@@ -346,19 +349,38 @@ class Follows:
         if turn is None:
             return None
         slots = self.slots
-        lift = [i for i, c in enumerate(self.held) if c and c["chunk_id"] in turn.lift and slots.biased(i)]
-        if turn.chunk is None and not lift:
-            return None
-        for i in lift:
-            slots.set_bias(i, 0.0)
         if turn.chunk is not None:
             [kv] = self.kv_for([turn.chunk], self.parts.prefix)
             slots.fill(turn.slot, kv)
-            for other in range(self.reader.n_slots):  # only the newest follow is unbiased: it is what the answer turned to
-                slots.set_bias(other, 0.0 if other == turn.slot else self.decoder.slot_bias)
             self.held[turn.slot] = turn.chunk
+        if not self._steer(turn) and turn.chunk is None:
+            return None
         slots.drop_local()
         return slots.forward(self.parts.suffix + generated)[0]
+
+
+    def _steer(self, turn: Turn) -> bool:
+        """Set the slots' biases for where the answer turned; whether any changed.
+
+        The slots that hold the answer's new term (the follow just read, held chunks naming it)
+        are unbiased. With `focus`, every other slot is biased down, the question's best chunk
+        too: the answer has named something new and goes on about it (a two-hop answer that has
+        named the manager reads the manager's locker, not the asked person's). Without, only the
+        older follow slots are."""
+        slots, changed = self.slots, False
+        for i, chunk in enumerate(self.held):
+            if chunk is None:
+                continue
+            if i == turn.slot or chunk["chunk_id"] in turn.lift:
+                bias = 0.0
+            elif self.decoder.focus or (turn.chunk is not None and i < self.reader.n_slots):
+                bias = self.decoder.slot_bias
+            else:
+                continue
+            if slots.slot_bias[i] != bias:
+                slots.set_bias(i, bias)
+                changed = True
+        return changed
 
 
 def _named_terms(text: str) -> list[str]:
