@@ -79,12 +79,12 @@ def main() -> None:
     report.update({"benchmark": "dtype", "model": args.model, "k": args.k, "cpus": os.cpu_count()})
     with build_store(args.store, docs) as mem, tempfile.TemporaryDirectory() as tmp:
         def retrieve(text):
-            return [h.to_dict() for h in mem.search(text, k=args.k)]
+            return mem.search(text, k=args.k)
 
         prompts = []
         for qa in questions[:args.speed_prompts]:
             parts = PromptParts(tok, qa["question"])
-            prompts.append(parts.prefix + sum((chunk_token_ids(tok, c["text"], 256) for c in retrieve(qa["question"])), [])
+            prompts.append(parts.prefix + sum((chunk_token_ids(tok, c.text, 256) for c in retrieve(qa["question"])), [])
                            + parts.suffix)
         if "speed" in args.sections:
             report["speed"] = {f"{t}_threads": speed(backbones, prompts, t) for t in (1, 2)}

@@ -39,7 +39,7 @@ def main() -> None:
         answerers = {d: Answerer(backbone, Path(tmp) / d, kv_dtype=d) for d in ("fp16", "int8")}
 
         def retrieve(text):
-            return [h.to_dict() for h in mem.search(text, k=args.k)]
+            return mem.search(text, k=args.k)
 
         rows = []
         for n, qa in enumerate(questions, 1):

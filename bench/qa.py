@@ -75,7 +75,7 @@ def build_store(path: Path, docs: list[dict]) -> memstore.api.Memory:
     return mem
 
 
-def answer_chunk(mem, doc_id: int, answer_char: int) -> dict | None:
+def answer_chunk(mem, doc_id: int, answer_char: int):
     with mem.store.engine.connect() as conn:
         from sqlalchemy import select
 
@@ -96,26 +96,24 @@ def run_model(mem, model: str, questions: list[dict], modes: list[str], k: int, 
     hits = []
     for n, qa in enumerate(questions, 1):
         doc_id = docs[qa["doc_id"]]
-        ranked = [h.to_dict() for h in mem.search(qa["question"], k=k, mode=retrieval)]
-        hits.append(any(h["document_id"] == doc_id and h["char_start"] <= qa["answer_char"] < h["char_end"]
-                        for h in ranked))
+        ranked = mem.search(qa["question"], k=k, mode=retrieval)
+        hits.append(any(h.document_id == doc_id and h.char_start <= qa["answer_char"] < h.char_end for h in ranked))
         for mode in modes:
             started = time.perf_counter()
             if mode == "closed":
                 gen = answerer.decoder.prompt(qa["question"], [], max_new_tokens=max_new_tokens)
             elif mode == "oracle":
                 chunk = answer_chunk(mem, doc_id, qa["answer_char"])
-                gen = answerer.decoder.prompt(qa["question"], [chunk] if chunk else [], max_new_tokens=max_new_tokens)
+                gen = answerer.decoder.prompt(qa["question"], [chunk.text] if chunk else [], max_new_tokens=max_new_tokens)
             else:
                 answerer.decoder.slot_bias = 0.0 if mode == "memory_unbiased" else SLOT_BIAS
                 answerer.decoder.blend = mode != "memory_unblended"
                 answerer.decoder.focus = mode != "memory_unfocused"
-                gen = answerer.ask(qa["question"], lambda text: [h.to_dict() for h in mem.search(text, k=k, mode=retrieval)],
+                gen = answerer.ask(qa["question"], lambda text: mem.search(text, k=k, mode=retrieval),
                                    mode=mode.split("_")[0], k=k, max_new_tokens=max_new_tokens,
                                    retrieve_every=0 if mode == "memory_static" else 1,
                                    document_text=lambda: mem.store.document_text(doc_id),
-                                   follow=lambda terms: [h.to_dict() for h in mem.search(
-                                       terms, k=k + FOLLOW_SLOTS, mode="lexical")])
+                                   follow=lambda terms: mem.search(terms, k=k + FOLLOW_SLOTS, mode="lexical"))
             em, f = score(gen.text, qa["answers"])
             rows[mode].append({"id": qa["id"], "em": em, "f1": f, "seconds": round(time.perf_counter() - started, 3),
                                "ttft_s": gen.timings.get("ttft_s"), "text": gen.text,

@@ -39,11 +39,11 @@ def main() -> None:
         answerer = mem._answerer(args.model)
 
         def retrieve(text):
-            return [h.to_dict() for h in mem.search(text, k=args.k)]
+            return mem.search(text, k=args.k)
 
         for n, qa in enumerate(questions, 1):
             row = {"id": qa["id"], "question": qa["question"], "answers": qa["answers"]}
-            best_id = retrieve(qa["question"])[0]["chunk_id"]
+            best_id = retrieve(qa["question"])[0].chunk_id
             for variant, bias in zip(variants, [None] + args.biases):
                 if bias is not None:
                     answerer.decoder.slot_bias = bias

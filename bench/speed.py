@@ -123,10 +123,10 @@ def answer_times(preset: str, fmt: str, store_root: Path, questions: list[str], 
     answerer = Answerer(load_backbone(preset, weights=fmt), kv_dir)
 
     def retrieve(text):
-        return [h.to_dict() for h in mem.search(text, k=k)]
+        return mem.search(text, k=k)
 
     def follow(terms):
-        return [h.to_dict() for h in mem.search(terms, k=k + 2, mode="lexical")]
+        return mem.search(terms, k=k + 2, mode="lexical")
 
     answerer.ask("What is SQLite?", retrieve, mode="rag", k=k, max_new_tokens=4)  # first-call costs out
     rows = []

@@ -23,7 +23,7 @@ from memstore.ingest.loaders import markdown_blocks, storable
 from memstore.ingest.pipeline import Ingestor
 from memstore.model.generate import FOLLOW_SLOTS
 from memstore.settings import ANSWER_TOKENS, CHUNK_OVERLAP, CHUNK_TOKENS, KV_BUDGET_GIB, TOP_K, default_model
-from memstore.store import Candidates, DocumentIn, Hit, MemoryStore, lexical
+from memstore.store import Candidates, ChunkRecord, DocumentIn, Hit, MemoryStore, lexical
 from memstore.store.index import IndexConfig
 
 log = logging.getLogger(__name__)
@@ -139,8 +139,8 @@ class Memory:
         kept = self.store.rerank_vectors(name, chunk_ids)
         missing = self.store.get_chunks(i for i in chunk_ids if i not in kept)
         if missing:
-            ids = [c["chunk_id"] for c in missing]
-            vectors = self.reranker.encode([c["text"] for c in missing])
+            ids = [c.chunk_id for c in missing]
+            vectors = self.reranker.encode([c.text for c in missing])
             try:
                 self.store.put_rerank_vectors(name, ids, vectors)
             except DBAPIError as e:  # e.g. a writer holds SQLite's lock: it is a cache, encode again next time
@@ -157,8 +157,8 @@ class Memory:
         with tqdm(total=len(todo), unit="chunk", desc="rerank", disable=not progress) as bar:
             for s in range(0, len(todo), batch):
                 chunks = self.store.get_chunks(todo[s:s + batch])
-                vectors = self.reranker.encode([c["text"] for c in chunks])
-                self.store.put_rerank_vectors(self.reranker_name, [c["chunk_id"] for c in chunks], vectors)
+                vectors = self.reranker.encode([c.text for c in chunks])
+                self.store.put_rerank_vectors(self.reranker_name, [c.chunk_id for c in chunks], vectors)
                 bar.update(len(chunks))
         return {"model": self.reranker_name, "encoded": len(todo), "seconds": round(time.perf_counter() - started, 2)}
 
@@ -177,8 +177,8 @@ class Memory:
         self.require_chunks()
         answerer = self._answerer(model or default_model())
 
-        def retrieve(text: str, search_mode: str = "hybrid", n: int = k) -> list[dict]:
-            return [h.to_dict() for h in self.search(text, k=n, filters=filters, mode=search_mode)]
+        def retrieve(text: str, search_mode: str = "hybrid", n: int = k) -> list[Hit]:
+            return self.search(text, k=n, filters=filters, mode=search_mode)
 
         return answerer.ask(question, retrieve, mode=mode, k=k, max_new_tokens=max_new_tokens,
                             retrieve_every=retrieve_every, document_text=lambda: self.whole_text(filters),
@@ -228,7 +228,7 @@ class Memory:
                 "encoded": encoded, "tokens": todo_tokens, "tokens_per_s": round(todo_tokens / seconds, 1) if encoded else None,
                 "kv_bytes": kv.nbytes(), "seconds": round(seconds, 2)}
 
-    def kv_warmup_order(self, model: str | None = None, questions: list[str] = (), k: int = TOP_K) -> list[dict]:
+    def kv_warmup_order(self, model: str | None = None, questions: list[str] = (), k: int = TOP_K) -> list[ChunkRecord]:
         """Chunks whose KV memory `model` has not encoded yet, those most likely to be read first at the front.
 
         First the chunks that `questions` (the demo's examples) retrieve, then each document's
@@ -236,9 +236,7 @@ class Memory:
         todo = self._answerer(model or default_model()).without_memory(self.store.all_chunks())
         first = [h.chunk_id for q in questions for h in self.search(q, k=k)]
         rank = {cid: i for i, cid in enumerate(dict.fromkeys(first))}
-        ordinal = self.store.chunk_ordinals()
-        return sorted(todo, key=lambda c: (rank.get(c["chunk_id"], len(rank)), ordinal.get(c["chunk_id"], 0),
-                                           c["chunk_id"]))
+        return sorted(todo, key=lambda c: (rank.get(c.chunk_id, len(rank)), c.ordinal, c.chunk_id))
 
     def kv_status(self, model: str | None = None) -> dict:
         """How many of the store's chunks have KV memory for `model` (encoded, on disk)."""
@@ -248,7 +246,7 @@ class Memory:
         return {"model": answerer.backbone.name, "chunks": len(ids),
                 "warm": sum(kv.path(i).exists() for i in ids)}
 
-    def encode_kv(self, chunks: list[dict], model: str | None = None) -> int:
+    def encode_kv(self, chunks: list[ChunkRecord], model: str | None = None) -> int:
         """Encode these chunks' KV memory now (those without one); returns how many were encoded."""
         return self._answerer(model or default_model()).precompute(chunks, batch=len(chunks) or 1)
 

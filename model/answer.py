@@ -11,6 +11,7 @@ import numpy as np
 from memstore.errors import DoesNotFitError, InvalidInputError, KVBudgetError
 from memstore.model.generate import Decoder, Generation, PromptParts
 from memstore.settings import ANSWER_MODES, ANSWER_TOKENS, KV_BUDGET_GIB, TOP_K
+from memstore.store import ChunkRecord, Hit
 from memstore.store.kv import KVMemory, bytes_per_token
 
 # int8 KV memory gives the same answers as fp16 in about half the bytes (bench/results/kv_precision.json,
@@ -19,16 +20,10 @@ DEFAULT_KV_DTYPE = "int8"
 
 
 @dataclass
-class Source:
-    chunk_id: int
-    document_id: int
-    source: str
-    title: str | None
-    char_start: int
-    char_end: int
-    heading_path: str
-    text: str
-    attention: float  # share of the answer's attention on this chunk (memory and rag modes)
+class Source(ChunkRecord):
+    """A chunk the answer read, with the share of the answer's attention on it (memory and rag modes)."""
+
+    attention: float = 0.0
     retrieval_score: float | None = None
 
 
@@ -67,31 +62,31 @@ class Answerer:
             self._kv[key] = KVMemory(self.kv_root, key, self.kv_budget_bytes, dtype=self.kv_dtype)
         return self._kv[key]
 
-    def kv_for(self, chunks: list[dict], prefix_ids: list[int]) -> list[np.ndarray]:
+    def kv_for(self, chunks: list[ChunkRecord], prefix_ids: list[int]) -> list[np.ndarray]:
         """Each chunk's memory: read from disk, or encoded now (in one batch) and stored."""
         store = self.kv_memory(prefix_ids)
-        found = [store.get(c["chunk_id"]) for c in chunks]
+        found = [store.get(c.chunk_id) for c in chunks]
         missing = [i for i, kv in enumerate(found) if kv is None]
         if missing:
-            encoded = self.decoder.encode([chunks[i]["text"] for i in missing], prefix_ids)
+            encoded = self.decoder.encode([chunks[i].text for i in missing], prefix_ids)
             for i, kv in zip(missing, encoded):
-                found[i] = store.put(chunks[i]["chunk_id"], kv)
+                found[i] = store.put(chunks[i].chunk_id, kv)
         return found
 
-    def kv_tokens(self, chunk: dict) -> int:
+    def kv_tokens(self, chunk: ChunkRecord) -> int:
         """Tokens of a chunk's memory: its text, the separator, at most a slot."""
-        return min(chunk["token_count"] + 4, self.decoder.slot_len)
+        return min(chunk.token_count + 4, self.decoder.slot_len)
 
     def stored_memory(self) -> KVMemory:
         """The KV store that memory mode reads chunks from (their prefix does not depend on the question)."""
         return self.kv_memory(PromptParts(self.backbone.tokenizer, "").prefix)
 
-    def without_memory(self, chunks: list[dict]) -> list[dict]:
+    def without_memory(self, chunks: list[ChunkRecord]) -> list[ChunkRecord]:
         """The chunks whose memory is not stored yet, in their order."""
         kv = self.stored_memory()
-        return [c for c in chunks if not kv.path(c["chunk_id"]).exists()]
+        return [c for c in chunks if not kv.path(c.chunk_id).exists()]
 
-    def precompute(self, chunks: list[dict], batch: int = 8, progress=None) -> int:
+    def precompute(self, chunks: list[ChunkRecord], batch: int = 8, progress=None) -> int:
         """Encode the memory of chunks that have none yet; returns how many were encoded.
 
         Refuses (before any work) when the memory would not fit the KV byte budget. Each batch
@@ -114,9 +109,9 @@ class Answerer:
                 progress(sum(self.kv_tokens(c) for c in todo[start:start + batch]))
         return len(todo)
 
-    def ask(self, question: str, retrieve: Callable[[str], list[dict]], *, mode: str = "memory", k: int = TOP_K,
+    def ask(self, question: str, retrieve: Callable[[str], list[Hit]], *, mode: str = "memory", k: int = TOP_K,
             max_new_tokens: int = ANSWER_TOKENS, retrieve_every: int = 1, document_text: Callable[[], str] | None = None,
-            on_token=None, follow: Callable[[str], list[dict]] | None = None) -> Answer:
+            on_token=None, follow: Callable[[str], list[Hit]] | None = None) -> Answer:
         if mode not in ANSWER_MODES:
             raise InvalidInputError(f"unknown mode {mode!r}; use one of {', '.join(ANSWER_MODES)}")
         if not question.strip():
@@ -126,15 +121,15 @@ class Answerer:
         if mode == "memory":
             gen = self.decoder.memory(question, retrieve, self.kv_for, k=k, max_new_tokens=max_new_tokens,
                                       retrieve_every=retrieve_every, on_token=on_token, follow=follow)
-        elif mode == "rag":
+            return self._answer(gen, mode, gen.chunks)
+        if mode == "rag":
             t = time.perf_counter()
             chunks = retrieve(question)[:k]
             timings = {"retrieval_s": time.perf_counter() - t}
-            gen = self.decoder.prompt(question, chunks, max_new_tokens=max_new_tokens, on_token=on_token,
-                                      timings=timings, started=started)
-        else:
-            gen = self._whole_text(question, mode, document_text, max_new_tokens, on_token, started)
-        return self._answer(gen, mode)
+            gen = self.decoder.prompt(question, [c.text for c in chunks], max_new_tokens=max_new_tokens,
+                                      on_token=on_token, timings=timings, started=started)
+            return self._answer(gen, mode, chunks)
+        return self._answer(self._whole_text(question, mode, document_text, max_new_tokens, on_token, started), mode, [])
 
     def _check_question_fits(self, question: str, max_new_tokens: int) -> None:
         n = len(self.backbone.tokenizer(question, add_special_tokens=False)["input_ids"])
@@ -153,19 +148,12 @@ class Answerer:
         if mode == "full" and len(ids) > budget:
             raise DoesNotFitError(f"the documents have {len(ids)} tokens but the window holds {budget}; "
                              "use mode 'memory' or 'rag', or 'truncate'")
-        kept = tok.decode(ids[:budget])
-        context = {"chunk_id": -1, "document_id": -1, "source": "(whole text)", "title": None, "char_start": 0,
-                   "char_end": len(kept), "heading_path": "", "text": kept, "token_limit": budget}
-        return self.decoder.prompt(question, [context], max_new_tokens=max_new_tokens, on_token=on_token,
-                                   started=started)
+        return self.decoder.prompt(question, [tok.decode(ids[:budget])], passage_tokens=budget,
+                                   max_new_tokens=max_new_tokens, on_token=on_token, started=started)
 
-    def _answer(self, gen: Generation, mode: str) -> Answer:
+    def _answer(self, gen: Generation, mode: str, chunks: list[Hit]) -> Answer:
+        """The answer with `chunks` (what it read, attention aligned) as sources, most attended first."""
         total = sum(gen.attention) or 1.0
-        ranked = sorted(zip(gen.chunks, gen.attention), key=lambda ca: -ca[1])
-        sources = [
-            Source(chunk_id=c["chunk_id"], document_id=c["document_id"], source=c["source"], title=c.get("title"),
-                   char_start=c["char_start"], char_end=c["char_end"], heading_path=c.get("heading_path", ""),
-                   text=c["text"], attention=round(a / total, 4), retrieval_score=c.get("score"))
-            for c, a in ranked if c["chunk_id"] >= 0
-        ]
+        ranked = sorted(zip(chunks, gen.attention), key=lambda ca: -ca[1])
+        sources = [Source(**c.record(), attention=round(a / total, 4), retrieval_score=c.score) for c, a in ranked]
         return Answer(gen.text, sources, mode, self.backbone.name, gen.timings, gen.refills)

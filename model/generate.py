@@ -21,6 +21,7 @@ import torch
 from memstore.errors import DoesNotFitError
 from memstore.model.memory import SlotCache, SlotLayout, cache_arg, crop_to, encode_chunks, last_logits, prefill
 from memstore.settings import ANSWER_TOKENS
+from memstore.store import Hit
 from memstore.store.lexical import STOPWORDS, query_terms
 
 SYSTEM = "Answer the question with a short phrase taken from the documents."
@@ -53,8 +54,8 @@ PARAGRAPH_BREAK = "\n\n"
 class Generation:
     text: str
     token_ids: list[int]
-    chunks: list[dict]  # what the slots (or the prompt) held at the end
-    attention: list[float]  # attention mass the answer put on each of `chunks`
+    chunks: list[Hit]  # what the slots held at the end (prompt modes: none, the caller knows its passages)
+    attention: list[float]  # attention mass the answer put on each of `chunks` (prompt modes: on each passage)
     timings: dict = field(default_factory=dict)
     refills: int = 0
 
@@ -145,12 +146,12 @@ class Decoder:
     # ---- memory mode -----------------------------------------------------------------------
 
     @torch.no_grad()
-    def memory(self, question: str, retrieve: Callable[[str], list[dict]], kv_for: Callable,
+    def memory(self, question: str, retrieve: Callable[[str], list[Hit]], kv_for: Callable,
                *, k: int, max_new_tokens: int = ANSWER_TOKENS, retrieve_every: int = 1, on_token=None,
-               follow: Callable[[str], list[dict]] | None = None, follow_slots: int = FOLLOW_SLOTS) -> Generation:
+               follow: Callable[[str], list[Hit]] | None = None, follow_slots: int = FOLLOW_SLOTS) -> Generation:
         """Generate with k memory slots filled from the question, and follow slots that the answer fills.
 
-        retrieve(text) -> ranked chunk dicts (with chunk_id, text); kv_for(chunks, prefix_ids)
+        retrieve(text) -> ranked hits; kv_for(chunks, prefix_ids)
         -> their memory arrays (from the KV store, or encoded now). follow(text) -> chunks that
         hold the words of `text` (a lexical search; defaults to `retrieve`). Every
         `retrieve_every` steps (0: never) the answer's complete words are read: when it has
@@ -186,7 +187,7 @@ class Decoder:
         return self._result(generated, [c for _, c in kept], [attention[i] for i, _ in kept], timings, started,
                             follows.reader.follows)
 
-    def _memory_slots(self, question: str, parts: PromptParts, chunks: list[dict], kv_for: Callable, n_follow: int,
+    def _memory_slots(self, question: str, parts: PromptParts, chunks: list[Hit], kv_for: Callable, n_follow: int,
                       timings: dict) -> SlotCache:
         """The slot cache with the question's chunks in the last slots (follow slots first, empty), the
         chunks far from the best one biased down, and the close ones read together where asked for."""
@@ -199,7 +200,7 @@ class Decoder:
             if i not in close:
                 slots.set_bias(n_follow + i, self.slot_bias)
         if self.blend and len(close) > 1 and asks_for_several(question):  # let the facts' chunks read each other
-            slots.blend({n_follow + i: chunk_token_ids(self.tokenizer, chunks[i]["text"], self.slot_len)
+            slots.blend({n_follow + i: chunk_token_ids(self.tokenizer, chunks[i].text, self.slot_len)
                          for i in close})
             timings["blended_tokens"] = sum(slots.slot_tokens[n_follow + i] for i in close)
         return slots
@@ -216,15 +217,17 @@ class Decoder:
     # ---- prompt modes (rag, truncate, full) ---------------------------------------------------
 
     @torch.no_grad()
-    def prompt(self, question: str, chunks: list[dict], *, max_new_tokens: int = ANSWER_TOKENS, on_token=None,
-               timings: dict | None = None, started: float | None = None) -> Generation:
-        """Generate with the chunks' texts pasted into the prompt, in order."""
+    def prompt(self, question: str, passages: list[str], *, passage_tokens: int | None = None,
+               max_new_tokens: int = ANSWER_TOKENS, on_token=None, timings: dict | None = None,
+               started: float | None = None) -> Generation:
+        """Generate with the passages pasted into the prompt, in order, each cut to `passage_tokens`
+        (default: a slot's length, as memory mode reads a chunk)."""
         started = started or time.perf_counter()
         timings = dict(timings or {})
         parts = PromptParts(self.tokenizer, question)
         ids, spans = list(parts.prefix), []
-        for c in chunks:
-            piece = chunk_token_ids(self.tokenizer, c["text"], c.get("token_limit", self.slot_len))
+        for passage in passages:
+            piece = chunk_token_ids(self.tokenizer, passage, passage_tokens or self.slot_len)
             spans.append((len(ids), len(ids) + len(piece)))
             ids += piece
         n_context = len(ids)
@@ -242,14 +245,14 @@ class Decoder:
         logits = step(ids)
         generated = self._greedy(step, logits, max_new_tokens, on_token, started, timings)
         timings["generate_s"] = time.perf_counter() - started
-        attention = [0.0] * len(chunks)
-        if generated and chunks:
+        attention = [0.0] * len(passages)
+        if generated and passages:
             crop_to(cache, n_context)
             with eager_attention(self.model):
                 out = self.model.model(input_ids=torch.tensor([parts.suffix + generated]),
                                        **cache_arg(self.model, cache), use_cache=True, output_attentions=True)
             attention = _span_mass(out.attentions, spans, n_answer=len(generated))
-        return self._result(generated, chunks, attention, timings, started, 0)
+        return self._result(generated, [], attention, timings, started, 0)
 
     def _result(self, generated, chunks, attention, timings, started, refills) -> Generation:
         timings["total_s"] = time.perf_counter() - started
@@ -265,18 +268,17 @@ def asks_for_several(question: str) -> bool:
     return SEVERAL.search(question) is not None
 
 
-def close_to_best(chunk: dict, best: dict) -> bool:
+def close_to_best(chunk: Hit, best: Hit) -> bool:
     """Whether a chunk's retrieval score is within CO_BEST of the best chunk's: another fact asked for.
 
     Where a question asks for several facts (several values of a key, several keys), their
     chunks score close to the best one (bench/longctx.py's multi-value and multi-query cases); the
     chunks below a single fact's best mostly score under half of it.
     """
-    score, top = chunk.get("score"), best.get("score")
-    return score is not None and top is not None and top > 0 and score >= CO_BEST * top
+    return best.score > 0 and chunk.score >= CO_BEST * best.score
 
 
-def best_last(ranked: list[dict]) -> list[dict]:
+def best_last(ranked: list[Hit]) -> list[Hit]:
     """Slot order for ranked chunks: the best one last, nearest the question.
 
     Needles in a haystack: with the best chunk last, far more needles are found than with it in
@@ -298,7 +300,7 @@ class AnswerReader:
     slot, so an answer that repeats the question's words reads what the question retrieved.
     """
 
-    def __init__(self, question: str, follow: Callable[[str], list[dict]], n_slots: int):
+    def __init__(self, question: str, follow: Callable[[str], list[Hit]], n_slots: int):
         self.question_terms = set(query_terms(question, phrases=False))
         self.follow, self.n_slots = follow, n_slots
         self.seen: list[str] = []  # the answer's terms that asked for a follow, in order
@@ -315,7 +317,7 @@ class AnswerReader:
         self.seen += new
         turn = Turn(lift=[cid for cid, text in held.items() if new[-1] in _terms(text)])
         for chunk in self.follow(" ".join(self.seen)):
-            if chunk["chunk_id"] not in held and new[-1] in _terms(chunk["text"]):
+            if chunk.chunk_id not in held and new[-1] in _terms(chunk.text):
                 turn.slot, turn.chunk = self.follows % self.n_slots, chunk
                 self.follows += 1
                 break
@@ -326,14 +328,14 @@ class AnswerReader:
 class Turn:
     """Where the answer turns: a chunk for a follow slot (or none), and held chunks to unbias."""
     slot: int | None = None
-    chunk: dict | None = None
+    chunk: Hit | None = None
     lift: list[int] = field(default_factory=list)
 
 
 class Follows:
     """One memory-mode answer's follow slots: where the answer turns (AnswerReader), the slots change."""
 
-    def __init__(self, decoder: Decoder, slots: SlotCache, parts: PromptParts, held: list[dict | None],
+    def __init__(self, decoder: Decoder, slots: SlotCache, parts: PromptParts, held: list[Hit | None],
                  kv_for: Callable, reader: AnswerReader, timings: dict):
         self.decoder, self.slots, self.parts, self.kv_for, self.reader = decoder, slots, parts, kv_for, reader
         self.held = held  # the chunk in each slot (None: an empty follow slot)
@@ -344,7 +346,7 @@ class Follows:
         names nothing new."""
         t = time.perf_counter()
         text = self.decoder.tokenizer.decode(generated, skip_special_tokens=True)
-        turn = self.reader.read(text, {c["chunk_id"]: c["text"] for c in self.held if c}, finished)
+        turn = self.reader.read(text, {c.chunk_id: c.text for c in self.held if c}, finished)
         self.timings["retrieval_s"] += time.perf_counter() - t
         if turn is None:
             return None
@@ -371,7 +373,7 @@ class Follows:
         for i, chunk in enumerate(self.held):
             if chunk is None:
                 continue
-            if i == turn.slot or chunk["chunk_id"] in turn.lift:
+            if i == turn.slot or chunk.chunk_id in turn.lift:
                 bias = 0.0
             elif self.decoder.focus or (turn.chunk is not None and i < self.reader.n_slots):
                 bias = self.decoder.slot_bias

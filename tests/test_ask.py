@@ -57,7 +57,7 @@ def test_kv_memory_is_reused_and_dropped_with_the_document(kb):
     kb.ask("When is the rainy season in Freedonia?", mode="memory", k=3)
     assert {p: p.stat().st_ino for p in kv_files} == before  # read back: a recomputed file is a new inode (temp + rename)
     weather = next(d for d in kb.store.documents() if d["source"].endswith("weather.md"))
-    chunk_ids = [c["chunk_id"] for c in kb.store.get_chunks(range(1, 100)) if c["document_id"] == weather["id"]]
+    chunk_ids = [c.chunk_id for c in kb.store.get_chunks(range(1, 100)) if c.document_id == weather["id"]]
     kb.delete(weather["id"])
     assert not [p for p in kb.store.kv_dir.glob("*/*.npy") if int(p.stem) in chunk_ids]
 

@@ -61,7 +61,7 @@ def test_names_side_by_side_beat_the_same_names_apart(store):
     assert "Moorcroft" in hits[0].text
     with store.engine.connect() as conn:  # words alone are fooled: this test needs the phrases
         words_only = lexical.search(conn, query, 2, phrases=False)
-    assert store.get_chunks([words_only[0][0]])[0]["text"].startswith("Ferdinand Lindqvist")
+    assert store.get_chunks([words_only[0][0]])[0].text.startswith("Ferdinand Lindqvist")
 
 
 def test_common_terms_only_rank_chunks_that_hold_a_rare_one(store, monkeypatch):
@@ -78,7 +78,7 @@ def test_common_terms_only_rank_chunks_that_hold_a_rare_one(store, monkeypatch):
         pruned = lexical.search(conn, "Ingrid bread pastries", 10)
         assert lexical.search(conn, "bread pastries", 10) == common_only
     assert len(full) == 9 and len(pruned) == 1
-    assert pruned[0] == full[0] and "Ingrid" in store.get_chunks([pruned[0][0]])[0]["text"]
+    assert pruned[0] == full[0] and "Ingrid" in store.get_chunks([pruned[0][0]])[0].text
 
 
 @pytest.mark.parametrize("query", [
@@ -230,7 +230,7 @@ def test_an_exact_match_is_not_outvoted_by_generally_relevant_chunks(lock_store)
     assert "needle.txt" in [h.source for h in lock_store.search(query=LOCK_QUESTION, k=3, mode="lexical")]
     assert top("weighted") == top("rrf") == "guide.txt"  # the failure this guards against
     scored = lock_store.hybrid_scores(QUERY_VECTOR, LOCK_QUESTION, 3)
-    assert lock_store.get_chunks([lexical_full(scored)[0][0]])[0]["text"].startswith("Ingrid asked")
+    assert lock_store.get_chunks([lexical_full(scored)[0][0]])[0].text.startswith("Ingrid asked")
     assert top("full") == "needle.txt"
     hits = lock_store.search(QUERY_VECTOR, k=3, query=LOCK_QUESTION)
     assert hits[0].source == "needle.txt" and "4821" in hits[0].text

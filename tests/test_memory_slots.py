@@ -9,7 +9,7 @@ import torch
 from conftest import unit_vectors
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from memstore.model.generate import AnswerReader, Decoder, Turn, asks_for_several
+from memstore.model.generate import AnswerReader, Decoder, Follows, PromptParts, Turn, asks_for_several
 from memstore.model.memory import (
     SlotCache,
     SlotLayout,
@@ -20,7 +20,7 @@ from memstore.model.memory import (
     rotate,
     unrotate,
 )
-from memstore.store import ChunkIn, DocumentIn, MemoryStore
+from memstore.store import ChunkIn, DocumentIn, Hit, MemoryStore
 from memstore.store.kv import KVMemory
 
 
@@ -126,28 +126,28 @@ def test_a_new_term_in_the_answer_fills_a_follow_slot(tiny):
     """Terms the answer writes that the question lacks are searched; the chunk holding them comes in."""
     tiny.generation_config.eos_token_id = None
     decoder = Decoder(tiny, FakeTokenizer(), max_positions=2048, slot_len=16)
-    first = {"chunk_id": 1, "text": "alpha facts", "document_id": 1, "source": "a", "char_start": 0, "char_end": 11}
+    first = _chunk(1, "alpha facts")
     queries = []
 
     def follow(terms):  # a chunk that holds whatever the answer wrote
         queries.append(terms)
-        return [first, {"chunk_id": 1 + len(queries), "text": terms, "document_id": 2, "source": "b",
-                        "char_start": 0, "char_end": len(terms)}]
+        return [first, _chunk(1 + len(queries), terms)]
 
     def kv_for(chunks, prefix_ids):
-        return decoder.encode([c["text"] for c in chunks], prefix_ids)
+        return decoder.encode([c.text for c in chunks], prefix_ids)
 
     gen = decoder.memory("q?", lambda text: [first], kv_for, k=1, max_new_tokens=24, follow=follow, follow_slots=2)
     assert gen.refills == len(queries) >= 1
-    assert 1 in {c["chunk_id"] for c in gen.chunks} and len(gen.chunks) == 1 + min(2, gen.refills)
+    assert 1 in {c.chunk_id for c in gen.chunks} and len(gen.chunks) == 1 + min(2, gen.refills)
     assert len(gen.attention) == len(gen.chunks)
     once = decoder.memory("q?", lambda text: [first], kv_for, k=1, max_new_tokens=24, follow=follow,
                           retrieve_every=0)
-    assert once.refills == 0 and [c["chunk_id"] for c in once.chunks] == [1] and len(queries) == gen.refills
+    assert once.refills == 0 and [c.chunk_id for c in once.chunks] == [1] and len(queries) == gen.refills
 
 
-def _chunk(i, text):
-    return {"chunk_id": i, "text": text, "document_id": i, "source": str(i), "char_start": 0, "char_end": len(text)}
+def _chunk(i, text, score=0.0):
+    return Hit(chunk_id=i, document_id=i, source=str(i), title=None, ordinal=0, char_start=0, char_end=len(text),
+               heading_path="", text=text, token_count=len(text.split()), meta={}, score=score)
 
 
 def test_answer_reader_follows_new_terms_only():
@@ -162,7 +162,7 @@ def test_answer_reader_follows_new_terms_only():
 
     reader = AnswerReader("Where was Ingrid Halvorsen's manager born?", follow, n_slots=2)
     def held(*chunks):
-        return {c["chunk_id"]: c["text"] for c in chunks}
+        return {c.chunk_id: c.text for c in chunks}
     assert reader.read("Ingrid Halvorsen's manager", held(staff)) is None and not asked  # the question's words move nothing
     assert reader.read("Ingrid Halvorsen's manager Tobias", held(staff)) is None and not asked  # "Tobias" may still grow
     # held staff is not brought in again but loses its bias; other lacks "tobias": home comes in
@@ -185,8 +185,31 @@ def test_a_term_only_held_chunks_hold_lifts_their_bias():
     locker = _chunk(2, "The locker combination of Tobias Brennecke is 4821.")
     reader = AnswerReader("Who is Ingrid Halvorsen's manager, and what is the manager's locker combination?",
                           lambda terms: [locker, staff], n_slots=2)
-    turn = reader.read("Ingrid Halvorsen's manager is Tobias ", {1: staff["text"], 2: locker["text"]})
+    turn = reader.read("Ingrid Halvorsen's manager is Tobias ", {1: staff.text, 2: locker.text})
     assert turn == Turn(lift=[1, 2]) and reader.follows == 0
+
+
+@pytest.mark.parametrize("focus", [True, False])
+def test_a_turn_biases_the_slots_that_lack_the_new_term(tiny, focus):
+    """Two-hop: the answer has named the manager; the asked person's own locker (the question's best
+    chunk) is biased down with focus, and keeps its weight without."""
+    class ByteTokenizer(FakeTokenizer):  # answer token ids are the answer's bytes
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode()
+
+    decoder = Decoder(tiny, ByteTokenizer(), max_positions=2048, slot_len=64, focus=focus)
+    staff = _chunk(1, "Ingrid Halvorsen's manager is Tobias Brennecke.")
+    own_locker = _chunk(2, "The locker combination of Ingrid Halvorsen is 1111.")
+    locker = _chunk(3, "The locker combination of Tobias Brennecke is 4821.")
+    parts = PromptParts(decoder.tokenizer, "q?")
+    slots = decoder._memory_slots("q?", parts, [staff, own_locker], lambda cs, _: decoder.encode(
+        [c.text for c in cs], parts.prefix), 1, {})
+    assert slots.slot_bias == [0.0, decoder.slot_bias, 0.0]  # follow slot empty, best (own locker) last
+    follows = Follows(decoder, slots, parts, [None, staff, own_locker], lambda cs, _: decoder.encode(
+        [c.text for c in cs], parts.prefix), AnswerReader("q?", lambda _: [locker], 1), {"retrieval_s": 0.0})
+    assert follows.refill(list(b"Tobias Brennecke ")) is not None
+    assert follows.held[0] is locker
+    assert slots.slot_bias == ([0.0, 0.0, decoder.slot_bias] if focus else [0.0, 0.0, 0.0])
 
 
 def test_a_first_word_still_growing_is_not_followed():
@@ -202,7 +225,7 @@ def test_kv_entries_vanish_with_their_document(tmp_path):
         store.require_embedder("test", 8)
         doc = DocumentIn("a.txt", "h", 1, 1.0, 20)
         store.add_document(doc, [ChunkIn(0, 0, 10, "x", 1), ChunkIn(1, 10, 20, "y", 1)], unit_vectors(2, 8))
-        ids = [c["chunk_id"] for c in store.get_chunks(range(1, 10))]
+        ids = [c.chunk_id for c in store.get_chunks(range(1, 10))]
         kv = KVMemory(store.kv_dir, "some-model")
         for cid in ids:
             kv.put(cid, np.zeros((2, 1, 1, 3, 4), np.float16))
@@ -252,14 +275,13 @@ def test_slot_bias_scales_attention_to_that_slot_only(tiny):
 def test_memory_mode_biases_every_slot_but_the_best_chunks(tiny):
     """With a prohibitive bias, whatever sits in the lesser slot cannot change the answer."""
     tiny.generation_config.eos_token_id = None
-    best = {"chunk_id": 1, "text": "alpha facts here", "document_id": 1, "source": "a", "char_start": 0, "char_end": 16}
-    others = [{"chunk_id": 2, "text": "beta notes", "document_id": 2, "source": "b", "char_start": 0, "char_end": 10},
-              {"chunk_id": 3, "text": "gamma gamma gamma", "document_id": 3, "source": "c", "char_start": 0, "char_end": 17}]
+    best = _chunk(1, "alpha facts here")
+    others = [_chunk(2, "beta notes"), _chunk(3, "gamma gamma gamma")]
 
     def answer(other, bias):
         decoder = Decoder(tiny, FakeTokenizer(), max_positions=2048, slot_len=24, slot_bias=bias)
         gen = decoder.memory("q?", lambda text: [best, other], lambda chunks, prefix: decoder.encode(
-            [c["text"] for c in chunks], prefix), k=2, max_new_tokens=8, retrieve_every=0)
+            [c.text for c in chunks], prefix), k=2, max_new_tokens=8, retrieve_every=0)
         return gen.token_ids
 
     assert answer(others[0], -1e4) == answer(others[1], -1e4)
@@ -292,18 +314,18 @@ def test_blending_every_slot_token_equals_the_prompt_it_replaces(tiny):
 def test_memory_mode_blends_the_slots_of_chunks_close_to_the_best(tiny):
     """Several chunks scoring near the best (several facts asked for) are recomputed together; a lone best is not."""
     tiny.generation_config.eos_token_id = None
-    best = {"chunk_id": 1, "text": "alpha facts here", "score": 1.0}
-    near = {"chunk_id": 2, "text": "beta notes", "score": 0.9}
-    far = {"chunk_id": 3, "text": "gamma gamma", "score": 0.1}
+    best = _chunk(1, "alpha facts here", 1.0)
+    near = _chunk(2, "beta notes", 0.9)
+    far = _chunk(3, "gamma gamma", 0.1)
 
     def blended(ranked, blend=True, question="What are all the values?"):
         decoder = Decoder(tiny, FakeTokenizer(), max_positions=2048, slot_len=24, blend=blend)
         gen = decoder.memory(question, lambda text: ranked, lambda chunks, prefix: decoder.encode(
-            [c["text"] for c in chunks], prefix), k=3, max_new_tokens=2, retrieve_every=0)
+            [c.text for c in chunks], prefix), k=3, max_new_tokens=2, retrieve_every=0)
         return gen.timings.get("blended_tokens", 0)
 
     def tokens(c):
-        return len(c["text"]) + 2  # FakeTokenizer: a token per character, and the separator's two
+        return len(c.text) + 2  # FakeTokenizer: a token per character, and the separator's two
     assert blended([best, near, far]) == tokens(best) + tokens(near)
     assert blended([best, far]) == 0
     assert blended([best, near], blend=False) == 0

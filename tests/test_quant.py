@@ -58,7 +58,7 @@ def test_quantized_memory_mode_reproduces_its_rag_answer(tmp_path):
     answerer = Answerer(load_backbone("smollm2-135m", weights="int8"), mem.store.kv_dir)
 
     def retrieve(text):
-        return [h.to_dict() for h in mem.search(text, k=1)]
+        return mem.search(text, k=1)
 
     question = "What is the capital of Freedonia?"
     rag = answerer.ask(question, retrieve, mode="rag", k=1)

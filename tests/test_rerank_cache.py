@@ -18,7 +18,7 @@ def add(store, source, n, seed=0):
 
 
 def chunk_ids(store, source):
-    return [c["chunk_id"] for c in store.all_chunks() if c["document_id"] == store.document(source)["id"]]
+    return [c.chunk_id for c in store.all_chunks() if c.document_id == store.document(source)["id"]]
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ def test_round_trip(store_target):
         assert store.stats()["chunks"] == 8 and store.stats()["documents"] == 2
         assert store.check()["consistent"]
         got = store.get_chunks([hits[1].chunk_id, hits[0].chunk_id])
-        assert [c["chunk_id"] for c in got] == [hits[1].chunk_id, hits[0].chunk_id]
+        assert [c.chunk_id for c in got] == [hits[1].chunk_id, hits[0].chunk_id]
 
 
 def test_replacing_a_document_replaces_its_chunks(store_target):

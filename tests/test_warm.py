@@ -29,7 +29,7 @@ def mem(tmp_path):
 
 def test_warmup_order_puts_the_examples_chunks_first(mem):
     order = mem.kv_warmup_order(questions=[EXAMPLE], k=1)
-    assert len(order) == mem.stats()["chunks"] and "Tobias" in order[0]["text"]
+    assert len(order) == mem.stats()["chunks"] and "Tobias" in order[0].text
     assert mem.kv_status()["warm"] == 0
     assert mem.encode_kv(order[:1]) == 1
     assert mem.kv_status()["warm"] == 1 and len(mem.kv_warmup_order()) == len(order) - 1

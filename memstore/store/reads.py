@@ -11,8 +11,11 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from memstore.errors import (
     NotFoundError,
 )
-from memstore.store.records import BATCH, Hit
+from memstore.store.records import BATCH, ChunkRecord, Hit
 from memstore.store.schema import Chunk, Document, RerankVector
+
+CHUNK_COLUMNS = (Chunk.id.label("chunk_id"), Chunk.document_id, Document.source, Document.title, Chunk.ordinal,
+                 Chunk.char_start, Chunk.char_end, Chunk.heading_path, Chunk.text, Chunk.token_count, Document.meta)
 
 
 class Reads:
@@ -22,17 +25,15 @@ class Reads:
         """Hits (chunk records with their document) for (chunk id, score) pairs, in that order."""
         if not scored:
             return []
-        records = {c["chunk_id"]: c for c in self.get_chunks([i for i, _ in scored])}
-        return [Hit(score=s, **records[i]) for i, s in scored if i in records]
+        records = {c.chunk_id: c for c in self.get_chunks([i for i, _ in scored])}
+        return [Hit(**records[i].record(), score=s) for i, s in scored if i in records]
 
-    def get_chunks(self, ids: Iterable[int]) -> list[dict]:
+    def get_chunks(self, ids: Iterable[int]) -> list[ChunkRecord]:
         """Chunk records (with their document's source, title and metadata) in the order asked."""
         ids = [int(i) for i in ids]
-        cols = (Chunk.id.label("chunk_id"), Chunk.document_id, Document.source, Document.title,
-                Chunk.ordinal, Chunk.char_start, Chunk.char_end, Chunk.heading_path, Chunk.text, Document.meta)
         with self.engine.connect() as conn:
-            rows = conn.execute(select(*cols).join(Document).where(Chunk.id.in_(ids))).mappings().all()
-        by_id = {r["chunk_id"]: dict(r) for r in rows}
+            rows = conn.execute(select(*CHUNK_COLUMNS).join(Document).where(Chunk.id.in_(ids))).mappings().all()
+        by_id = {r["chunk_id"]: ChunkRecord(**r) for r in rows}
         return [by_id[i] for i in ids if i in by_id]
 
     # ---- re-ranker vectors (a cache in SQL, deleted with their chunks) ---------------------
@@ -76,20 +77,14 @@ class Reads:
         with self.engine.connect() as conn:
             return list(conn.execute(select(Chunk.id).where(~kept.exists()).order_by(Chunk.id)).scalars())
 
-    def all_chunks(self) -> list[dict]:
-        """Every chunk's id, document id, text and token count, in id order."""
-        cols = (Chunk.id.label("chunk_id"), Chunk.document_id, Chunk.text, Chunk.token_count)
+    def all_chunks(self) -> list[ChunkRecord]:
+        """Every chunk's record, in id order."""
         with self.engine.connect() as conn:
-            return [dict(r) for r in conn.execute(select(*cols).order_by(Chunk.id)).mappings()]
+            return [ChunkRecord(**r) for r in conn.execute(select(*CHUNK_COLUMNS).join(Document).order_by(Chunk.id)).mappings()]
 
     def chunk_ids(self) -> list[int]:
         with self.engine.connect() as conn:
             return list(conn.execute(select(Chunk.id).order_by(Chunk.id)).scalars())
-
-    def chunk_ordinals(self) -> dict[int, int]:
-        """Each chunk's place in its document (0 for the first)."""
-        with self.engine.connect() as conn:
-            return {cid: ordinal for cid, ordinal in conn.execute(select(Chunk.id, Chunk.ordinal))}
 
     def documents(self) -> list[dict]:
         cols = (Document.id, Document.source, Document.content_hash, Document.size, Document.mtime,

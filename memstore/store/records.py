@@ -2,7 +2,7 @@
 rankings coming out."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from memstore.store import lexical
 
@@ -34,7 +34,9 @@ class DocumentIn:
 
 
 @dataclass
-class Hit:
+class ChunkRecord:
+    """A stored chunk with its document: what crosses from the store to the model and the API."""
+
     chunk_id: int
     document_id: int
     source: str
@@ -44,11 +46,22 @@ class Hit:
     char_end: int
     heading_path: str
     text: str
-    score: float
+    token_count: int
     meta: dict
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+    def record(self) -> dict:
+        """The chunk's own fields (a subclass's extra ones left out), to build another record from."""
+        return {f.name: getattr(self, f.name) for f in fields(ChunkRecord)}
+
+
+@dataclass
+class Hit(ChunkRecord):
+    """A chunk found by a search, with its score (higher is better)."""
+
+    score: float = 0.0
 
 
 @dataclass
