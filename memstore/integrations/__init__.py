@@ -13,10 +13,7 @@ from memstore.store import Hit
 
 def hit_metadata(hit: Hit) -> dict:
     """What a retrieved chunk carries besides its text: where it is, and how well it matched."""
-    return {"source": hit.source, "title": hit.title, "document_id": hit.document_id, "chunk_id": hit.chunk_id,
-            "ordinal": hit.ordinal, "char_start": hit.char_start, "char_end": hit.char_end,
-            "heading_path": hit.heading_path, "score": hit.score, "meta": hit.meta}
-
+    return {name: value for name, value in hit.to_dict().items() if name != "text"}
 
 def missing(package: str, extra: str) -> ImportError:
     return ImportError(f"this integration needs {package}: pip install 'memstore[{extra}]'")
