@@ -237,11 +237,35 @@ def test_an_exact_match_is_not_outvoted_by_generally_relevant_chunks(lock_store)
     assert [h.source for h in hits[1:]] == ["guide.txt", "guide.txt"]  # the rest keep their fused order
 
 
-def test_the_exact_match_rule_needs_a_single_holder_of_the_rare_words(lock_store):
+def test_the_holders_of_a_word_the_store_holds_twice_come_first_in_fused_order(lock_store):
     add(lock_store, "other.txt", ["Ingrid Vasquez sold her old bicycle lock, code and all."], seed=78)
     scored = lock_store.hybrid_scores(QUERY_VECTOR, LOCK_QUESTION, 10)
-    assert len(scored.holders) == 2  # two chunks hold every rare word: fusion alone decides
-    assert scored.fused("full") == lexical_full(scored)
+    sources = {c.chunk_id: c.source for c in lock_store.get_chunks(scored.dense)}
+    assert {sources[i] for i in scored.holders} == {"needle.txt", "other.txt"}  # "vasquez": two chunks
+    fused, plain = scored.fused("full"), lexical_full(scored)
+    assert fused[:2] == [x for x in plain if x[0] in scored.holders]
+    assert fused[2:] == [x for x in plain if x[0] not in scored.holders]
+
+
+def test_a_value_asked_in_a_long_question_is_found_however_many_common_words_outscore_it(store_target, monkeypatch):
+    """The question's many ordinary words match a general chunk far better than its one value does,
+    so bm25 ranks the value's chunks below the lexical candidates; the value is in two chunks (a
+    sentence in the overlap of neighbours), both come first."""
+    monkeypatch.setattr(store_module, "HYBRID_CANDIDATES", 3)
+    target, data_dir = store_target
+    with MemoryStore(target, data_dir=data_dir) as s:
+        s.require_embedder("test", DIM)
+        general = ("Variables are assigned a value directly, or through another variable, and the list of "
+                   "variables assigned that value can be long: list them all, each variable in the list.")
+        for i in range(5):
+            add(s, f"general{i}.txt", [general, FILLER[i]], seed=10 + i, vectors=[_near(QUERY_VECTOR, 20 + i), _near(
+                QUERY_VECTOR, 30 + i)])
+        add(s, "facts.txt", ["The crew loaded the boat. VAR TZOVM = 34795.", "VAR TZOVM = 34795. Then it rained."],
+            seed=90)
+        question = "Which variables are assigned the value 34795, directly or through another variable? List them all."
+        assert "facts.txt" not in [h.source for h in s.search(query=question, k=3, mode="lexical")]
+        hits = s.search(QUERY_VECTOR, k=3, query=question)
+        assert [h.source for h in hits[:2]] == ["facts.txt", "facts.txt"] and hits[2].source.startswith("general")
 
 
 def lexical_full(scored):

@@ -21,6 +21,7 @@ MAX_TERMS = 64
 PG_DF_CAP = 20_000  # PostgreSQL: document frequency is counted up to this many chunks per term
 COMMON_DF = 5_000  # SQLite: a term in this many chunks is common (see _rare_terms)
 RARE_COUNT = 20  # a query word in at most this many chunks is rare (see rare_words)
+SOLE_HOLDERS = 2  # a query word in at most this many chunks points at one place (see sole_holders)
 RRF_K = 60
 DEFAULT_ALPHA = WEIGHTED_FUSION_DENSE_WEIGHT
 FULL_ALPHA = FUSION_DENSE_WEIGHT
@@ -130,6 +131,26 @@ def holding_all(conn: Connection, terms: list[str], ids: list[int]) -> set[int]:
                    + " AND ".join(_PG_TERM.format(i) for i in range(len(terms))))
         params = {"ids": ids, **{f"t{i}": t for i, t in enumerate(terms)}}
     return {int(i) for i in conn.execute(sql.bindparams(bindparam("ids", expanding=True)), params).scalars()}
+
+
+def sole_holders(conn: Connection, q: LexicalQuery, document_ids: list[int] | None = None) -> set[int]:
+    """The chunks that hold the query's rarest word, where at most SOLE_HOLDERS chunks of the store
+    do: a number, code or name that points at one place (a sentence in the overlap of two
+    neighbouring chunks is in both). Among documents_ids' chunks, where given."""
+    single = [(n, t) for t, n in q.counts.items() if " " not in t and n > 0]
+    if not single or min(single)[0] > SOLE_HOLDERS:
+        return set()
+    term = min(single)[1]
+    if conn.dialect.name == "sqlite":
+        ids = list(conn.execute(text("SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH :t"),
+                                {"t": _fts_match([term])}).scalars())
+    else:
+        ids = list(conn.execute(text(f"SELECT id FROM chunks WHERE {_PG_TERM.format(0)}"), {"t0": term}).scalars())
+    if document_ids is not None and ids:
+        sql = text("SELECT id FROM chunks WHERE id IN :ids AND document_id IN :docs").bindparams(
+            bindparam("ids", expanding=True), bindparam("docs", expanding=True))
+        ids = list(conn.execute(sql, {"ids": ids, "docs": document_ids}).scalars())
+    return {int(i) for i in ids}
 
 
 def _count(conn, match: str, cap: int) -> int:
@@ -261,15 +282,12 @@ def full_score_fusion(dense: dict[int, float], lexical: dict[int, float],
 
 
 def exact_match_first(ranked: list[tuple[int, float]], holders: set[int]) -> list[tuple[int, float]]:
-    """`ranked` with the one candidate that holds every rare word of the query (see rare_words)
-    moved first: an exact match on names and codes is not outvoted by chunks that are generally
-    relevant on both sides. With several holders (or none) fusion alone decides."""
-    if len(holders) != 1 or not ranked:
+    """`ranked` with the exact matches (`holders`, see MemoryStore._lexical_side) moved first, in
+    their ranked order: an exact match on names and codes is not outvoted by chunks that are
+    generally relevant on both sides. The others keep their order."""
+    if not holders or not ranked:
         return ranked
-    (only,) = holders
-    if ranked[0][0] == only:
-        return ranked
-    return [(only, ranked[0][1])] + [(i, s) for i, s in ranked if i != only]
+    return [(i, s) for i, s in ranked if i in holders] + [(i, s) for i, s in ranked if i not in holders]
 
 
 def rerank_fusion(rerank: list[tuple[int, float]], lexical: list[tuple[int, float]],

@@ -81,7 +81,7 @@ class HybridScores:
     dense: dict[int, float]  # chunk id -> score, for every candidate
     lexical: dict[int, float]
     rare: list[str]  # the query's rare words (lexical.rare_words)
-    holders: set[int]  # the lexical candidates that hold every rare word
+    holders: set[int]  # the exact matches, put first (MemoryStore._lexical_side)
 
     def fused(self, fusion: str = "full") -> list[tuple[int, float]]:
         if fusion == "weighted":  # each side's scores over its own candidates only

@@ -110,13 +110,20 @@ class Search:
         return self._executor
 
     def _lexical_side(self, query: str, n: int, doc_ids: list[int] | None):
-        """The lexical top n, the query's rare words, and which of the top n hold them all (a chunk
-        holding every rare word scores high, so one outside the top n would mean many holders)."""
+        """The lexical top n, the query's rare words, and the exact matches to put first: the one
+        candidate that holds every rare word, else the chunks holding a word that at most
+        lexical.SOLE_HOLDERS chunks hold. A long question's many common words can outscore its
+        one rare word (a value asked for), so those chunks join the candidates wherever bm25 ranks them."""
         with self.engine.connect() as conn:
             prepared = lexical.prepare(conn, query, total_chunks=self.chunk_total)
             top = lexical.search(conn, prepared, n, doc_ids)
             rare = lexical.rare_words(prepared)
             holders = lexical.holding_all(conn, rare, [i for i, _ in top]) if rare else set()
+            if len(holders) != 1:
+                holders = lexical.sole_holders(conn, prepared, doc_ids)
+                ranked = {i for i, _ in top}
+                missing = lexical.scores(conn, prepared, [i for i in holders if i not in ranked])
+                top += sorted(missing.items(), key=lambda kv: -kv[1])
         return prepared, top, rare, holders
 
     def _dense_scores(self, vector: np.ndarray, ids: list[int]) -> dict[int, float]:
