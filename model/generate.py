@@ -41,7 +41,8 @@ BLEND = True
 # "what are ...", or a second question joined by ", and what ...".
 SEVERAL = re.compile(r"\b(all|both|list|each|every)\b|^\s*(what|which|who|where)\s+(are|were)\b"
                      r"|,\s*and\s+(what|who|which|where|when|how)\b|\b(what|which)\s+\w+s\s+(are|were)\b", re.I)
-# Where the answer names a new term, the slots that do not hold it are biased down (Follows._steer).
+# Where the answer names a new term that brings a follow in, the slots that do not hold it are biased
+# down (Follows._steer): bench/results/longctx.json, memory against memory_unfocused.
 FOCUS = True
 # Memory slots that the answer's own new terms fill (AnswerReader), besides the question's k.
 FOLLOW_SLOTS = 2
@@ -365,17 +366,19 @@ class Follows:
         """Set the slots' biases for where the answer turned; whether any changed.
 
         The slots that hold the answer's new term (the follow just read, held chunks naming it)
-        are unbiased. With `focus`, every other slot is biased down, the question's best chunk
-        too: the answer has named something new and goes on about it (a two-hop answer that has
-        named the manager reads the manager's locker, not the asked person's). Without, only the
-        older follow slots are."""
+        are unbiased. Where a follow came in, the older follow slots are biased down, and with
+        `focus` every other slot too, the question's best chunk included: the answer has named
+        something the question's chunks did not lead to and goes on about it (a two-hop answer
+        that has named the manager reads the manager's locker, not the asked person's). A term
+        that held chunks already have moves no other slot: a list of values goes on reading them all."""
         slots, changed = self.slots, False
+        followed = turn.chunk is not None
         for i, chunk in enumerate(self.held):
             if chunk is None:
                 continue
             if i == turn.slot or chunk.chunk_id in turn.lift:
                 bias = 0.0
-            elif self.decoder.focus or (turn.chunk is not None and i < self.reader.n_slots):
+            elif followed and (self.decoder.focus or i < self.reader.n_slots):
                 bias = self.decoder.slot_bias
             else:
                 continue

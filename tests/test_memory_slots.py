@@ -202,14 +202,22 @@ def test_a_turn_biases_the_slots_that_lack_the_new_term(tiny, focus):
     own_locker = _chunk(2, "The locker combination of Ingrid Halvorsen is 1111.")
     locker = _chunk(3, "The locker combination of Tobias Brennecke is 4821.")
     parts = PromptParts(decoder.tokenizer, "q?")
-    slots = decoder._memory_slots("q?", parts, [staff, own_locker], lambda cs, _: decoder.encode(
-        [c.text for c in cs], parts.prefix), 1, {})
-    assert slots.slot_bias == [0.0, decoder.slot_bias, 0.0]  # follow slot empty, best (own locker) last
-    follows = Follows(decoder, slots, parts, [None, staff, own_locker], lambda cs, _: decoder.encode(
-        [c.text for c in cs], parts.prefix), AnswerReader("q?", lambda _: [locker], 1), {"retrieval_s": 0.0})
-    assert follows.refill(list(b"Tobias Brennecke ")) is not None
-    assert follows.held[0] is locker
-    assert slots.slot_bias == ([0.0, 0.0, decoder.slot_bias] if focus else [0.0, 0.0, 0.0])
+
+    def kv_for(chunks, _):
+        return decoder.encode([c.text for c in chunks], parts.prefix)
+
+    def follows(found):
+        slots = decoder._memory_slots("q?", parts, [staff, own_locker], kv_for, 1, {})
+        assert slots.slot_bias == [0.0, decoder.slot_bias, 0.0]  # follow slot empty, best (own locker) last
+        return Follows(decoder, slots, parts, [None, staff, own_locker], kv_for,
+                       AnswerReader("q?", lambda _: found, 1), {"retrieval_s": 0.0})
+
+    hop = follows([locker])
+    assert hop.refill(list(b"Tobias Brennecke ")) is not None and hop.held[0] is locker
+    assert hop.slots.slot_bias == ([0.0, 0.0, decoder.slot_bias] if focus else [0.0, 0.0, 0.0])
+    held = follows([])  # no chunk to follow: the held chunk naming Tobias is read, nothing else moves
+    assert held.refill(list(b"Tobias Brennecke ")) is not None
+    assert held.slots.slot_bias == [0.0, 0.0, 0.0]
 
 
 def test_a_first_word_still_growing_is_not_followed():
