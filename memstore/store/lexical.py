@@ -133,11 +133,26 @@ def holding_all(conn: Connection, terms: list[str], ids: list[int]) -> set[int]:
     return {int(i) for i in conn.execute(sql.bindparams(bindparam("ids", expanding=True)), params).scalars()}
 
 
-def sole_holders(conn: Connection, q: LexicalQuery, document_ids: list[int] | None = None) -> set[int]:
-    """The chunks that hold the query's rarest word, where at most SOLE_HOLDERS chunks of the store
-    do: a number, code or name that points at one place (a sentence in the overlap of two
-    neighbouring chunks is in both). Among documents_ids' chunks, where given."""
-    single = [(n, t) for t, n in q.counts.items() if " " not in t and n > 0]
+def named_words(text: str) -> set[str]:
+    """The words of `text` that name something, lowercased: with a digit or an underscore, or with a
+    capital letter where a sentence does not begin (a number, a code, a name)."""
+    named = set()
+    for match in WORD.finditer(text):
+        word, before = match.group(), text[:match.start()].rstrip()
+        starts_sentence = not before or before[-1] in ".?!:"
+        if any(c.isdigit() or c == "_" for c in word) or (any(c.isupper() for c in word) and not starts_sentence):
+            named.add(word.lower())
+    return named
+
+
+def sole_holders(conn: Connection, q: LexicalQuery, named: set[str],
+                 document_ids: list[int] | None = None) -> set[int]:
+    """The chunks that hold the rarest of the query's `named` words (see named_words), where at most
+    SOLE_HOLDERS chunks of the store do: a number, code or name that points at one place (a
+    sentence in the overlap of two neighbouring chunks is in both). Among document_ids' chunks,
+    where given. A rare ordinary word ("cautious") points nowhere in particular: on the dev set,
+    promoting its holders cost MRR (bench/results/retrieval.json)."""
+    single = [(n, t) for t, n in q.counts.items() if t in named and n > 0]
     if not single or min(single)[0] > SOLE_HOLDERS:
         return set()
     term = min(single)[1]
@@ -283,11 +298,12 @@ def full_score_fusion(dense: dict[int, float], lexical: dict[int, float],
 
 def exact_match_first(ranked: list[tuple[int, float]], holders: set[int]) -> list[tuple[int, float]]:
     """`ranked` with the exact matches (`holders`, see MemoryStore._lexical_side) moved first, in
-    their ranked order: an exact match on names and codes is not outvoted by chunks that are
-    generally relevant on both sides. The others keep their order."""
+    their ranked order and with at least the best score: an exact match on names and codes is not
+    outvoted by chunks that are generally relevant on both sides. The others keep their order."""
     if not holders or not ranked:
         return ranked
-    return [(i, s) for i, s in ranked if i in holders] + [(i, s) for i, s in ranked if i not in holders]
+    best = ranked[0][1]
+    return [(i, max(s, best)) for i, s in ranked if i in holders] + [(i, s) for i, s in ranked if i not in holders]
 
 
 def rerank_fusion(rerank: list[tuple[int, float]], lexical: list[tuple[int, float]],

@@ -120,7 +120,7 @@ class Search:
             rare = lexical.rare_words(prepared)
             holders = lexical.holding_all(conn, rare, [i for i, _ in top]) if rare else set()
             if len(holders) != 1:
-                holders = lexical.sole_holders(conn, prepared, doc_ids)
+                holders = lexical.sole_holders(conn, prepared, lexical.named_words(query), doc_ids)
                 ranked = {i for i, _ in top}
                 missing = lexical.scores(conn, prepared, [i for i in holders if i not in ranked])
                 top += sorted(missing.items(), key=lambda kv: -kv[1])
