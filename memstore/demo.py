@@ -7,6 +7,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from memstore.checksums import sha256_of
 from memstore.paths import cache_dir
 
 BUNDLED = Path(__file__).parent / "data" / "sqlite_doc"
@@ -21,6 +22,11 @@ SKIPPED_PAGES = {
     "doc_target_crossref.html", "keyword_index.html", "sitemap.html", "doclist.html", "docs.html",
     "fileformat.html", "syntaxdiagrams.html", "toc.html",
 }
+
+# The Debian package version the demo is fetched at (Debian 12) and its SHA-256, checked before it is
+# unpacked; another version, or a changed file, is not used.
+SQLITE_DOC_VERSION = "3.40.1-2+deb12u2"
+SQLITE_DOC_SHA256 = "466e30d7066e2641fa13e56bc662a2ad521b8cc9c17dde9c9dac3d4f105e32f2"
 
 EXAMPLE_QUESTIONS = [
     "How does AUTOINCREMENT choose a new ROWID?",
@@ -70,13 +76,15 @@ def fetch_sqlite_doc(dest: Path) -> str | None:
         return "apt-get and dpkg-deb are not available"
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            got = subprocess.run(["apt-get", "download", "sqlite3-doc"], cwd=tmp, capture_output=True,
-                                 text=True, timeout=300)
+            got = subprocess.run(["apt-get", "download", f"sqlite3-doc={SQLITE_DOC_VERSION}"], cwd=tmp,
+                                 capture_output=True, text=True, timeout=300)
         except subprocess.TimeoutExpired:
             return "apt-get download took over 5 minutes"
         debs = list(Path(tmp).glob("sqlite3-doc*.deb"))
         if got.returncode != 0 or not debs:
             return (got.stderr.strip().splitlines() or [f"apt-get exit code {got.returncode}"])[-1]
+        if sha256_of(debs[0]) != SQLITE_DOC_SHA256:
+            return f"{debs[0].name} does not match its pinned SHA-256, so it was not used"
         unpacked = Path(tmp) / "x"
         done = subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)], capture_output=True, text=True)
         if done.returncode != 0:

