@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -22,7 +23,15 @@ from memstore.ingest.embed import (
 from memstore.ingest.loaders import markdown_blocks, storable
 from memstore.ingest.pipeline import Ingestor
 from memstore.model.generate import FOLLOW_SLOTS
-from memstore.settings import ANSWER_TOKENS, CHUNK_OVERLAP, CHUNK_TOKENS, KV_BUDGET_GIB, TOP_K, default_model
+from memstore.settings import (
+    ANSWER_TOKENS,
+    CHUNK_OVERLAP,
+    CHUNK_TOKENS,
+    KV_BUDGET_GIB,
+    LOADED_MODELS,
+    TOP_K,
+    default_model,
+)
 from memstore.store import Candidates, ChunkRecord, DocumentIn, Hit, MemoryStore, lexical
 from memstore.store.index import IndexConfig
 
@@ -58,7 +67,8 @@ class Memory:
         self._embedder: Embedder | None = None
         self.reranker_name = reranker
         self._reranker: Embedder | None = None
-        self._answerers: dict = {}
+        self._answerers: OrderedDict = OrderedDict()  # model name -> Answerer, least recently used first
+        self.kept_model: str | None = None  # never evicted: the model load_model loaded
 
     @property
     def embedder(self) -> Embedder:
@@ -196,8 +206,10 @@ class Memory:
         return "\n\n".join(self.store.document_text(d["id"]) for d in sorted(docs, key=lambda d: d["source"]))
 
     def load_model(self, model: str | None = None) -> str:
-        """Load (and on first use fetch and convert) a model now; returns its name."""
-        return self._answerer(model or default_model()).backbone.name
+        """Load (and on first use fetch and convert) a model now; returns its name. It stays loaded:
+        other models a caller names are loaded too, at most LOADED_MODELS in all (least recently used evicted)."""
+        self.kept_model = model or default_model()
+        return self._answerer(self.kept_model).backbone.name
 
     def require_chunks(self) -> None:
         """MemstoreError when the store holds nothing to answer from."""
@@ -255,7 +267,12 @@ class Memory:
         from memstore.model.answer import Answerer
         from memstore.model.backbone import load_backbone
 
-        if model not in self._answerers:
+        if model in self._answerers:
+            self._answerers.move_to_end(model)
+        else:
+            evictable = [name for name in self._answerers if name != self.kept_model]
+            while evictable and len(self._answerers) >= LOADED_MODELS:  # the least recently used goes
+                del self._answerers[evictable.pop(0)]
             self._answerers[model] = Answerer(load_backbone(model), self.store.kv_dir)
         budget = budget_gib if budget_gib is not None else self.store.get_setting("kv_budget_gib", KV_BUDGET_GIB)
         self._answerers[model].kv_budget_bytes = int(budget * 2**30)

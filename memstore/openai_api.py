@@ -67,8 +67,9 @@ def question_of(messages: list[Message]) -> str:
 
 
 def add_openai_routes(app: FastAPI, memory, lock: threading.Lock, models: list[str], default_model: str,
-                      answer_json: Callable, default_max_new_tokens: int, model_ready: Callable[[], None]) -> None:
-    """Mount /v1/models and /v1/chat/completions on `app`; `lock` is the server's model lock."""
+                      answer_json: Callable, default_max_new_tokens: int, model_ready: Callable[[str], None]) -> None:
+    """Mount /v1/models and /v1/chat/completions on `app`; `lock` is the server's model lock;
+    model_ready(name) waits until that model can answer, or raises the HTTP error that says why not."""
 
     def model_and_mode(model_id: str) -> tuple[str, str]:
         name, _, mode = model_id.partition(":")
@@ -87,7 +88,7 @@ def add_openai_routes(app: FastAPI, memory, lock: threading.Lock, models: list[s
     def chat(req: ChatRequest):
         name, mode = model_and_mode(req.model)
         question = question_of(req.messages)
-        model_ready()
+        model_ready(name)
         kwargs = dict(model=name, mode=mode, k=req.k, filters=req.filters,
                       max_new_tokens=req.max_completion_tokens or req.max_tokens or default_max_new_tokens)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"

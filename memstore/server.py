@@ -157,7 +157,10 @@ class Service:
     readiness: Readiness | None = None
     warmer: KVWarmer | None = None
 
-    def model_ready(self) -> None:
+    def model_ready(self, name: str | None = None) -> None:
+        """Wait for the server's model while it loads; a 503 for another model not on this machine."""
+        if name:
+            self.check_local(name)
         if self.readiness:
             self.readiness.wait_for_model()
 
@@ -165,7 +168,17 @@ class Service:
         name = name or self.default_model
         if name not in self.allowed:
             raise HTTPException(400, f"unknown model {name!r}; this server offers {', '.join(self.allowed)}")
+        self.check_local(name)
         return name
+
+    def check_local(self, name: str) -> None:
+        """503 for a model this machine does not have yet: a request never starts a download."""
+        from memstore.model.backbone import PRESETS, needs_download
+
+        if name != self.default_model and needs_download(name):
+            raise HTTPException(503, f"model {name} is not on this server yet and requests never download one; "
+                                     f"the operator can fetch it with `{PRESETS[name].pip_install()}` or by "
+                                     f"starting a server with --model {name} once")
 
     def ask_kwargs(self, req: AskRequest) -> dict:
         self.model_ready()

@@ -23,6 +23,7 @@ CHUNK_OVERLAP = 32  # tokens repeated between consecutive chunks
 FUSION_DENSE_WEIGHT = 0.25
 WEIGHTED_FUSION_DENSE_WEIGHT = 0.2
 
+LOADED_MODELS = 2  # answer models a Memory keeps loaded at once: the one it was started with and one more
 KV_BUDGET_GIB = 4.0  # the KV memory's size, until `ingest --kv --kv-budget` sets a store's own
 
 # Chosen from bench/demo_qa.py and bench/qa.py: Qwen2.5-0.5B answers far more questions than

