@@ -321,6 +321,13 @@ def install_error_handlers(app: FastAPI) -> None:
         size = request.headers.get("content-length")
         if size and size.isdigit() and int(size) > MAX_BODY_BYTES:
             return error_response(request, f"request body over {MAX_BODY_BYTES} bytes", 413)
+        if size is None and request.method in ("POST", "PUT", "PATCH"):  # chunked: count it as it comes
+            body = b""
+            async for piece in request.stream():
+                body += piece
+                if len(body) > MAX_BODY_BYTES:
+                    return error_response(request, f"request body over {MAX_BODY_BYTES} bytes", 413)
+            request._body = body  # what the route reads (Starlette replays a body read here)
         return await call_next(request)
 
     @app.exception_handler(RequestValidationError)

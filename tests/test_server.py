@@ -1,5 +1,6 @@
 """The HTTP API and the demo page, end to end: `memstore demo` builds a store, `memstore serve`
 serves it in a subprocess on a free port, and requests (and headless Chromium) talk to it."""
+import http.client
 import importlib.metadata
 import json
 import os
@@ -146,6 +147,14 @@ def test_malformed_and_oversized_bodies(server):
     assert status == 413 and "bytes" in error["error"]
     status, error = request(server, "/search?q=&k=5")
     assert status == 422 and "q" in error["error"]
+    for size, status in ((100_000, 413), (3_000, 422)):  # chunked: no Content-Length to check up front
+        body = json.dumps({"question": "x" * size}).encode()
+        conn = http.client.HTTPConnection(server.removeprefix("http://"), timeout=60)
+        conn.request("POST", "/ask", body=iter([body[i:i + 4096] for i in range(0, len(body), 4096)]),
+                     headers={"content-type": "application/json"}, encode_chunked=True)
+        response = conn.getresponse()
+        assert response.status == status, response.read()  # 422: a small chunked body is read and validated
+        conn.close()
 
 
 def test_openapi_describes_the_api(server):
