@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import logging
 import os
@@ -9,7 +10,7 @@ import sys
 
 import click
 
-from memstore.errors import MemstoreError
+from memstore.errors import InvalidInputError, MemstoreError
 from memstore.settings import (
     ANSWER_MODES,
     ANSWER_TOKENS,
@@ -317,14 +318,22 @@ model_option = click.option("--model", default=None,
 @host_option
 @port_option
 @model_option
+@click.option("--api-key-file", type=click.Path(dir_okay=False), envvar="MEMSTORE_API_KEY_FILE",
+              help="Lines `read KEY` or `write KEY`: requests then need Authorization: Bearer KEY, and adding "
+                   "or deleting documents a write key. Without keys only a loopback --host is served. "
+                   "[env: MEMSTORE_API_KEY_FILE]")
 @friendly_errors
-def serve(store, data_dir, host, port, model):
+def serve(store, data_dir, host, port, model, api_key_file):
     """Serve the HTTP API and the question page over a store.
 
-    POST /ask (and /ask/stream), GET /search, /stats, /documents/{id}; OpenAPI docs at /docs.
+    POST /ask (and /ask/stream), GET /search, /stats, /documents/{id}, POST /documents,
+    DELETE /documents/{id}; OpenAPI docs at /docs.
     """
+    from memstore.keys import load_api_keys
+
+    keys = load_api_keys(api_key_file) if api_key_file else None
     with open_memory(store, data_dir) as mem:
-        run_server(mem, host, port, model)
+        run_server(mem, host, port, model, api_keys=keys)
 
 
 @main.command()
@@ -394,6 +403,7 @@ def serve_while_building(store: str, files: list, host: str, port: int, model: s
     from memstore.ingest.loaders import one_line
     from memstore.server import Readiness, create_app
 
+    check_bind(host, app_options.get("api_keys"))
     say = functools.partial(click.echo, err=True)
     readiness = Readiness(model or default_model())
 
@@ -441,6 +451,7 @@ def run_server(mem, host: str, port: int, model: str | None, **app_options) -> N
 
     from memstore.server import create_app
 
+    check_bind(host, app_options.get("api_keys"))
     check_port_free(host, port)
     say = functools.partial(click.echo, err=True)
     name = mem.load_model(model)
@@ -448,6 +459,20 @@ def run_server(mem, host: str, port: int, model: str | None, **app_options) -> N
     app = create_app(mem, default_model=name, warm_kv=True, **app_options)
     say(f"serving on http://{host}:{port}  (API docs: http://{host}:{port}/docs; Ctrl-C stops)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def check_bind(host: str, api_keys) -> None:
+    """Serving beyond this machine needs API keys."""
+    if not api_keys and not is_loopback(host):
+        raise InvalidInputError(f"refusing to serve on {host} without API keys: anyone who can reach it could read "
+                                "and change the store; give --api-key-file, or serve on 127.0.0.1")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @main.group()

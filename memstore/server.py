@@ -27,6 +27,7 @@ from memstore import settings
 from memstore.answer_stream import answer_events
 from memstore.api import Memory
 from memstore.errors import MemstoreError
+from memstore.keys import ApiKeys
 from memstore.openai_api import add_openai_routes
 from memstore.settings import ANSWER_MODES, ANSWER_TOKENS, SEARCH_MODES, TOP_K
 
@@ -35,6 +36,17 @@ log = logging.getLogger("memstore.server")
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 64 * 1024
 MAX_QUESTION_CHARS = 2000
+
+PUBLIC_PATHS = {"/", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}  # open even with API keys
+
+
+class DocumentRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1, description="The document's text (markdown headings are kept).")
+    source: str = Field(min_length=1, max_length=500, description="Its name; a document of that name is replaced.")
+    title: str | None = Field(None, max_length=500)
+    meta: dict[str, str | int | float | bool] = Field(default_factory=dict, description="Metadata to filter on.")
 
 
 class AskRequest(BaseModel):
@@ -188,13 +200,15 @@ class Service:
 
 def create_app(memory: Memory, *, default_model: str | None = None, models: list[str] | None = None,
                title: str = "memstore", examples: list[str] | None = None, warm_kv: bool = False,
-               readiness: Readiness | None = None) -> FastAPI:
+               readiness: Readiness | None = None, api_keys: ApiKeys | None = None) -> FastAPI:
     """The app over `memory`. `models` lists what clients may ask for (presets by default).
 
     warm_kv: encode the default model's KV memory of every chunk in the background while idle
     (the examples' chunks first); /stats then reports how much of it is warm.
     readiness: the store is still being built and the model loaded (see Readiness); /stats says
-    how far, and answers wait for the model."""
+    how far, and answers wait for the model.
+    api_keys: every request but the page and the API docs needs a key (Authorization: Bearer KEY);
+    adding or deleting documents needs a write key."""
     from memstore.model.backbone import PRESETS
 
     default_model = default_model or settings.default_model()
@@ -215,7 +229,10 @@ def create_app(memory: Memory, *, default_model: str | None = None, models: list
     app = FastAPI(title=f"{title} API", description="Search and question answering over a memstore store.",
                   lifespan=lifespan)
     install_error_handlers(app)
+    if api_keys:
+        require_keys(app, api_keys)
     add_answer_routes(app, service)
+    add_write_routes(app, service)
     add_read_routes(app, service)
     add_openai_routes(app, memory, service.lock, service.allowed, default_model, answer_json, ANSWER_TOKENS,
                       service.model_ready)
@@ -249,6 +266,41 @@ def add_answer_routes(app: FastAPI, service: Service) -> None:
                 yield json.dumps(jsonable_encoder(event)) + "\n"
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+def add_write_routes(app: FastAPI, service: Service) -> None:
+    """POST /documents and DELETE /documents/{id}: each one transaction with the index, as the CLI's."""
+    memory, lock = service.memory, service.lock
+
+    @app.post("/documents", status_code=201, summary="Add a document (or replace the one of that source)")
+    def add_document(req: DocumentRequest) -> dict:
+        with lock:
+            document_id = memory.add_text(req.text, source=req.source, title=req.title, meta=req.meta)
+            return memory.store.document_info(document_id)
+
+    @app.delete("/documents/{document_id}", summary="Delete a document, its chunks and their KV memory")
+    def delete_document(document_id: int) -> dict:
+        with lock:
+            if not memory.delete(document_id):
+                raise HTTPException(404, f"no document {document_id}")
+        return {"deleted": document_id}
+
+
+def require_keys(app: FastAPI, keys: ApiKeys) -> None:
+    """401 without a valid key, 403 for a read key that asks to write; the page and docs stay open."""
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if request.url.path in PUBLIC_PATHS:
+            return await call_next(request)
+        header = request.headers.get("authorization", "")
+        role = keys.role_of(header[7:].strip() if header[:7].lower() == "bearer " else None)
+        if role is None:
+            return error_response(request, "a valid API key is needed: Authorization: Bearer KEY", 401)
+        writes = request.method in ("POST", "DELETE") and request.url.path.startswith("/documents")
+        if writes and role != "write":
+            return error_response(request, "this key may read, not write", 403)
+        return await call_next(request)
 
 
 def add_read_routes(app: FastAPI, service: Service) -> None:
