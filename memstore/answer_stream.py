@@ -1,40 +1,142 @@
-"""One answer, generated in a thread under the model lock, as a stream of events: what the
-HTTP API's /ask/stream and the OpenAI-compatible stream both send, each in its own format."""
+"""Answers take turns at the model: a bounded queue, first come first served. Each answer runs in
+a thread of its own and comes out as a stream of events, what the HTTP API's /ask/stream and the
+OpenAI-compatible stream both send in their own formats; /ask waits for the last event. A client
+that goes away stops its answer at the next token, and every answer has a time limit."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
 
-from memstore.errors import MemstoreError
+import anyio
+
+from memstore.errors import AnswerTimeoutError, BusyError, MemstoreError
 
 log = logging.getLogger("memstore.server")
 
 # reported with its own message (and its own HTTP status); anything else is an internal error
 USER_ERRORS = (MemstoreError,)
+WAITING = 4  # answers that may wait while one is generated; more get a 503
+TIME_LIMIT_S = 300  # an answer still generating after this long is stopped
 
 
-def answer_events(memory, lock: threading.Lock, question: str, **ask_kwargs) -> Iterator[tuple[str, object]]:
-    """("status", text) while waiting for the lock and when answering starts, ("token", text) per
-    piece of the answer, then ("answer", Answer) or ("error", message); a failure is logged here."""
-    events: queue.Queue = queue.Queue()
+class Cancelled(BaseException):
+    """The client went away: the answer stops (a BaseException, so no `except Exception` keeps it going)."""
 
-    def work() -> None:
+
+class AnswerQueue:
+    """First come first served at the model; at most `waiting` behind the one being answered.
+
+    model_lock is held while an answer generates; the KV warmer takes it only while nobody waits."""
+
+    def __init__(self, waiting: int = WAITING, time_limit_s: float = TIME_LIMIT_S):
+        self.waiting, self.time_limit_s = waiting, time_limit_s
+        self.model_lock = threading.Lock()
+        self.finished: deque = deque(maxlen=32)  # the latest answers: {"outcome", "tokens"}
+        self._line: deque = deque()  # tickets; the first one's answer has the model
+        self._changed = threading.Condition()
+
+    def busy(self) -> bool:
+        return bool(self._line)
+
+    def join(self) -> object:
+        """A place in the line (its ticket), or BusyError when the line is full."""
+        ticket = object()
+        with self._changed:
+            if len(self._line) > self.waiting:
+                raise BusyError(f"{len(self._line)} answers are ahead; try again in a few seconds")
+            self._line.append(ticket)
+        return ticket
+
+    @contextlib.contextmanager
+    def turn(self, ticket: object, on_place=None, cancelled: threading.Event | None = None):
+        """Wait for the ticket's turn (on_place(n): n answers ahead, when that changes), then hold the model."""
         try:
-            if lock.locked():
-                events.put(("status", "waiting for the answer before this one"))
-            with lock:
-                events.put(("status", "answering"))
-                events.put(("answer", memory.ask(question, on_token=lambda t: events.put(("token", t)), **ask_kwargs)))
-        except USER_ERRORS as e:
-            events.put(("error", str(e)))
-        except Exception as e:  # noqa: BLE001 - reported to the client as an event, logged here
-            log.exception("answering %r failed", question)
-            events.put(("error", f"internal error ({type(e).__name__}); see the server log"))
+            with self._changed:
+                told = None
+                while self._line[0] is not ticket:
+                    ahead = self._line.index(ticket)
+                    if on_place and ahead != told:
+                        on_place(told := ahead)
+                    if cancelled is not None and cancelled.is_set():
+                        raise Cancelled
+                    self._changed.wait(0.5)
+            with self.model_lock:
+                yield
         finally:
-            events.put(None)
+            with self._changed:
+                self._line.remove(ticket)
+                self._changed.notify_all()
 
-    threading.Thread(target=work, daemon=True, name="answer").start()
-    while (event := events.get()) is not None:
-        yield event
+
+class AnswerJob:
+    """One answer, started at once in its own thread with a place in the queue: events() yields
+    ("queued", n ahead), ("status", text), ("token", text), then ("answer", Answer) or ("error", message)."""
+
+    def __init__(self, memory, answers: AnswerQueue, question: str, **ask_kwargs):
+        self.ticket = answers.join()  # BusyError here, before any response has started
+        self.answers, self.memory, self.question, self.ask_kwargs = answers, memory, question, ask_kwargs
+        self.cancel = threading.Event()
+        self._events: queue.Queue = queue.Queue()
+        threading.Thread(target=self._work, daemon=True, name="answer").start()
+
+    def _work(self) -> None:
+        put, tokens, outcome = self._events.put, 0, "answered"
+        try:
+            with self.answers.turn(self.ticket, lambda n: put(("queued", n)), self.cancel):
+                put(("status", "answering"))
+                deadline = time.monotonic() + self.answers.time_limit_s
+
+                def on_token(text: str) -> None:
+                    nonlocal tokens
+                    if self.cancel.is_set():
+                        raise Cancelled
+                    if time.monotonic() > deadline:
+                        raise AnswerTimeoutError(f"the answer took over {self.answers.time_limit_s:.0f} s and was stopped")
+                    tokens += 1
+                    put(("token", text))
+
+                put(("answer", self.memory.ask(self.question, on_token=on_token, **self.ask_kwargs)))
+        except Cancelled:
+            outcome = "cancelled"
+            log.info("a client went away; its answer was stopped")
+        except USER_ERRORS as e:
+            outcome = "timed out" if isinstance(e, AnswerTimeoutError) else "refused"
+            put(("error", e))
+        except Exception as e:  # noqa: BLE001 - reported to the client as an event, logged here
+            outcome = "failed"
+            log.exception("answering %r failed", self.question)
+            put(("error", f"internal error ({type(e).__name__}); see the server log"))
+        finally:
+            self.answers.finished.append({"outcome": outcome, "tokens": tokens})
+            put(None)
+
+    def events(self) -> Iterator[tuple[str, object]]:
+        """The answer's events; leaving early stops the answer."""
+        try:
+            while (event := self._events.get()) is not None:
+                yield event
+        finally:
+            self.cancel.set()
+
+    async def stream(self) -> AsyncIterator[tuple[str, object]]:
+        """events() for a streamed response: when the client goes away the server cancels the stream
+        at its next event, and the answer stops at the token after."""
+        try:
+            while (event := await anyio.to_thread.run_sync(self._events.get, abandon_on_cancel=True)) is not None:
+                yield event
+        finally:
+            self.cancel.set()
+
+    def result(self):
+        """The Answer, or the answer's error raised here (for a route that returns JSON)."""
+        for kind, value in self.events():
+            if kind == "answer":
+                return value
+            if kind == "error":
+                raise value if isinstance(value, MemstoreError) else RuntimeError(value)
+        raise RuntimeError("the answer ended without a result")

@@ -1,8 +1,10 @@
 """The Python face of memstore: `memstore.open(...)` returns a Memory."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -46,6 +48,14 @@ RERANK_CANDIDATES = 30
 RERANK_WEIGHT = 0.3
 
 
+def _locked(method):
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class Memory:
     """A store plus the embedder it was built with: ingest files or text, then search."""
 
@@ -67,6 +77,9 @@ class Memory:
         self._embedder: Embedder | None = None
         self.reranker_name = reranker
         self._reranker: Embedder | None = None
+        # the store's reads and writes take turns (a server's requests, a generation's retrievals);
+        # held for a search or a write, never for a whole answer
+        self.lock = threading.RLock()
         self._answerers: OrderedDict = OrderedDict()  # model name -> Answerer, least recently used first
         self.kept_model: str | None = None  # never evicted: the model load_model loaded
 
@@ -83,6 +96,7 @@ class Memory:
             self._reranker = load_embedder(self.reranker_name)
         return self._reranker
 
+    @_locked
     def ingest(self, paths: str | Path | Iterable[str | Path], *, glob: str | None = None,
                chunk_size: int = CHUNK_TOKENS, overlap: int = CHUNK_OVERLAP, prune: bool = False,
                meta: dict | None = None, progress: bool | None = False, encoding: str | None = None,
@@ -99,6 +113,7 @@ class Memory:
                             progress=progress, encoding=encoding, on_commit=on_commit)
         return ingestor.run(paths, glob=glob, prune=prune).to_dict()
 
+    @_locked
     def add_text(self, text: str, *, source: str | None = None, title: str | None = None,
                  meta: dict | None = None, chunk_size: int = CHUNK_TOKENS, overlap: int = CHUNK_OVERLAP) -> int:
         """Add a string as a document (markdown headings are kept); returns its document id.
@@ -114,6 +129,7 @@ class Memory:
                          char_count=chunker.char_count, title=title, meta=meta or {})
         return self.store.add_document(doc, chunks, emb.encode([c.text for c in chunks]))
 
+    @_locked
     def search(self, query: str, k: int = 5, filters: dict | None = None, mode: str = "hybrid",
                rerank: bool = False) -> list[Hit]:
         """The k chunks that best match `query`, with document, char span, score and text.
@@ -143,6 +159,7 @@ class Memory:
         cosine = np.vstack([kept[i] for i in ids]) @ self.reranker.encode([query])[0]
         return lexical.rerank_fusion(list(zip(ids, cosine.tolist())), found.lexical, RERANK_WEIGHT)
 
+    @_locked
     def rerank_vectors(self, chunk_ids: list[int]) -> dict[int, np.ndarray]:
         """The re-ranker's vectors of these chunks: kept ones from the store, the others encoded and kept."""
         name = self.reranker_name
@@ -158,6 +175,7 @@ class Memory:
             kept.update(zip(ids, vectors))
         return kept
 
+    @_locked
     def build_rerank(self, *, batch: int = 256, progress: bool | None = False) -> dict:
         """Compute and keep the re-ranker vector of every chunk that lacks one (each batch commits)."""
         from tqdm import tqdm
@@ -194,6 +212,7 @@ class Memory:
                             retrieve_every=retrieve_every, document_text=lambda: self.whole_text(filters),
                             on_token=on_token, follow=lambda terms: retrieve(terms, "lexical", k + FOLLOW_SLOTS))
 
+    @_locked
     def whole_text(self, filters: dict | None = None) -> str:
         """The documents' texts (those matching `filters`) in order of source, as modes truncate and full read them.
 
@@ -211,6 +230,7 @@ class Memory:
         self.kept_model = model or default_model()
         return self._answerer(self.kept_model).backbone.name
 
+    @_locked
     def require_chunks(self) -> None:
         """MemstoreError when the store holds nothing to answer from."""
         if self.store.stats()["chunks"] == 0:
@@ -240,6 +260,7 @@ class Memory:
                 "encoded": encoded, "tokens": todo_tokens, "tokens_per_s": round(todo_tokens / seconds, 1) if encoded else None,
                 "kv_bytes": kv.nbytes(), "seconds": round(seconds, 2)}
 
+    @_locked
     def kv_warmup_order(self, model: str | None = None, questions: list[str] = (), k: int = TOP_K) -> list[ChunkRecord]:
         """Chunks whose KV memory `model` has not encoded yet, those most likely to be read first at the front.
 
@@ -250,6 +271,7 @@ class Memory:
         rank = {cid: i for i, cid in enumerate(dict.fromkeys(first))}
         return sorted(todo, key=lambda c: (rank.get(c.chunk_id, len(rank)), c.ordinal, c.chunk_id))
 
+    @_locked
     def kv_status(self, model: str | None = None) -> dict:
         """How many of the store's chunks have KV memory for `model` (encoded, on disk)."""
         answerer = self._answerer(model or default_model())
@@ -278,15 +300,19 @@ class Memory:
         self._answerers[model].kv_budget_bytes = int(budget * 2**30)
         return self._answerers[model]
 
+    @_locked
     def delete(self, source_or_id: str | int) -> bool:
         return self.store.delete_document(source_or_id)
 
+    @_locked
     def stats(self) -> dict:
         return self.store.stats()
 
+    @_locked
     def check(self) -> dict:
         return self.store.check()
 
+    @_locked
     def repair(self) -> dict:
         return self.store.repair()
 

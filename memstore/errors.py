@@ -47,6 +47,19 @@ class ChecksumError(ModelNotFoundError):
     its pinned SHA-256; nothing made from it is kept."""
 
 
+class BusyError(MemstoreError):
+    """Every place in the server's answer queue is taken; try again after `retry_after` seconds."""
+
+    http_status = 503
+    retry_after = 10
+
+
+class AnswerTimeoutError(MemstoreError):
+    """An answer ran past the server's time limit and was stopped."""
+
+    http_status = 504
+
+
 class LoadError(MemstoreError):
     """A file could not be read into text (reported per file; an ingest run goes on without it)."""
 

@@ -13,7 +13,6 @@ and `filters` may be sent as extra body fields.
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from memstore.answer_stream import answer_events
+from memstore.answer_stream import AnswerJob, AnswerQueue
 from memstore.settings import ANSWER_MODES, TOP_K
 
 MAX_MESSAGE_CHARS = 2000
@@ -66,9 +65,9 @@ def question_of(messages: list[Message]) -> str:
     raise HTTPException(400, "no user message to answer")
 
 
-def add_openai_routes(app: FastAPI, memory, lock: threading.Lock, models: list[str], default_model: str,
+def add_openai_routes(app: FastAPI, memory, answers: AnswerQueue, models: list[str], default_model: str,
                       answer_json: Callable, default_max_new_tokens: int, model_ready: Callable[[str], None]) -> None:
-    """Mount /v1/models and /v1/chat/completions on `app`; `lock` is the server's model lock;
+    """Mount /v1/models and /v1/chat/completions on `app`; answers go through the server's `answers` queue;
     model_ready(name) waits until that model can answer, or raises the HTTP error that says why not."""
 
     def model_and_mode(model_id: str) -> tuple[str, str]:
@@ -94,21 +93,20 @@ def add_openai_routes(app: FastAPI, memory, lock: threading.Lock, models: list[s
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if not req.stream:
-            with lock:
-                answer = memory.ask(question, **kwargs)
+            answer = AnswerJob(memory, answers, question, **kwargs).result()
             out = answer_json(answer)
             return {"id": completion_id, "object": "chat.completion", "created": created, "model": req.model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
                                  "finish_reason": finish_reason(answer, kwargs["max_new_tokens"])}],
                     "sources": out["sources"], "memstore": memstore_part(out)}
-        with lock:
-            memory.require_chunks()  # refused with an error status before the stream starts
-        return StreamingResponse(stream(memory, lock, question, kwargs, completion_id, created, req.model,
-                                        answer_json), media_type="text/event-stream")
+        memory.require_chunks()  # refused with an error status before the stream starts
+        job = AnswerJob(memory, answers, question, **kwargs)  # a full queue: 503 before the stream starts
+        return StreamingResponse(stream(job, kwargs, completion_id, created, req.model, answer_json),
+                                 media_type="text/event-stream")
 
 
-def stream(memory, lock, question: str, kwargs: dict, completion_id: str, created: int, model_id: str,
-           answer_json: Callable):
+async def stream(job: AnswerJob, kwargs: dict, completion_id: str, created: int, model_id: str,
+                 answer_json: Callable):
     """Server-sent events: a role chunk, one chunk per piece of text, a last chunk with the finish
     reason and the sources, then [DONE]; a failure mid-answer ends with an error event."""
     def chunk(delta: dict, finish: str | None = None, **extra) -> str:
@@ -117,7 +115,7 @@ def stream(memory, lock, question: str, kwargs: dict, completion_id: str, create
         return f"data: {json.dumps(jsonable_encoder(body))}\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
-    for kind, value in answer_events(memory, lock, question, **kwargs):
+    async for kind, value in job.stream():
         if kind == "token":
             yield chunk({"content": value})
         elif kind == "answer":
@@ -125,7 +123,7 @@ def stream(memory, lock, question: str, kwargs: dict, completion_id: str, create
             yield chunk({}, finish_reason(value, kwargs["max_new_tokens"]), sources=out["sources"],
                         memstore=memstore_part(out))
         elif kind == "error":
-            yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
+            yield f"data: {json.dumps({'error': {'message': str(value), 'type': 'server_error'}})}\n\n"
     yield "data: [DONE]\n\n"
 
 

@@ -1,8 +1,10 @@
 """The HTTP API (FastAPI) and the demo page, over one Memory.
 
-One lock serialises the store and the model: the model is a single CPU forward pass at a
-time anyway, and the FAISS handle and the SQLite connection pool are not shared safely
-between concurrent writers.
+Reads (search, stats, documents) never wait for an answer: the store's own lock (Memory.lock) is
+held for a search or a write, not for a generation. Answers take turns at the model through a
+bounded queue (answer_stream.AnswerQueue): a full queue is a 503 with Retry-After, a stream says
+how many answers are ahead, a client that goes away frees the model at the next token, and every
+answer has a time limit.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from memstore import settings
-from memstore.answer_stream import answer_events
+from memstore.answer_stream import AnswerJob, AnswerQueue
 from memstore.api import Memory
 from memstore.errors import MemstoreError
 from memstore.keys import ApiKeys
@@ -103,12 +105,12 @@ class Readiness:
 
 class KVWarmer:
     """Encodes the store's KV memory for one model in the background, a small batch at a time,
-    only while no request holds the lock: the first memory-mode answer about a chunk then finds
+    only while no answer waits or runs: the first memory-mode answer about a chunk then finds
     its memory ready instead of encoding it (bench/results/speed.json: cold against warm)."""
 
-    def __init__(self, memory: Memory, model: str, lock: threading.Lock, questions: list[str], batch: int = 2,
+    def __init__(self, memory: Memory, model: str, answers: AnswerQueue, questions: list[str], batch: int = 2,
                  after: threading.Event | None = None):
-        self.memory, self.model, self.lock, self.questions, self.batch = memory, model, lock, questions, batch
+        self.memory, self.model, self.answers, self.questions, self.batch = memory, model, answers, questions, batch
         self.after = after  # start once this is set (the store built and the model loaded)
         self.warm = self.chunks = 0
         self.state = "starting"
@@ -130,24 +132,25 @@ class KVWarmer:
             if self._stop.is_set():
                 return
         try:
-            with self.lock:
+            with self.answers.model_lock:
                 todo = self.memory.kv_warmup_order(self.model, self.questions)
                 self.chunks = self.memory.stats()["chunks"]
                 self.warm = self.chunks - len(todo)
             self.state = "warming"
+            model = self.answers.model_lock
             for start in range(0, len(todo), self.batch):
-                while not self.lock.acquire(timeout=0.2):  # a request holds the model: wait for it
+                while self.answers.busy() or not model.acquire(timeout=0.2):  # answers first
                     if self._stop.is_set():
                         return
+                    time.sleep(0.05)
                 try:
                     if self._stop.is_set():
                         return
                     batch = todo[start:start + self.batch]
-                    self.memory.encode_kv(batch, self.model)  # a request may have encoded some meanwhile
+                    self.memory.encode_kv(batch, self.model)  # an answer may have encoded some meanwhile
                     self.warm += len(batch)
                 finally:
-                    self.lock.release()
-                time.sleep(0.02)  # a request waiting for the lock gets it before the next batch
+                    model.release()
             self.state = "done"
         except MemstoreError as e:  # the KV budget is full, or a chunk went away meanwhile
             self.state = f"stopped: {e}"
@@ -158,10 +161,10 @@ class KVWarmer:
 
 @dataclass
 class Service:
-    """What the routes share: the store, the lock around it, and the models clients may name."""
+    """What the routes share: the store, the answer queue, and the models clients may name."""
 
     memory: Memory
-    lock: threading.Lock
+    answers: AnswerQueue
     default_model: str
     allowed: list[str]
     title: str
@@ -200,7 +203,8 @@ class Service:
 
 def create_app(memory: Memory, *, default_model: str | None = None, models: list[str] | None = None,
                title: str = "memstore", examples: list[str] | None = None, warm_kv: bool = False,
-               readiness: Readiness | None = None, api_keys: ApiKeys | None = None) -> FastAPI:
+               readiness: Readiness | None = None, api_keys: ApiKeys | None = None,
+               answers: AnswerQueue | None = None) -> FastAPI:
     """The app over `memory`. `models` lists what clients may ask for (presets by default).
 
     warm_kv: encode the default model's KV memory of every chunk in the background while idle
@@ -208,14 +212,15 @@ def create_app(memory: Memory, *, default_model: str | None = None, models: list
     readiness: the store is still being built and the model loaded (see Readiness); /stats says
     how far, and answers wait for the model.
     api_keys: every request but the page and the API docs needs a key (Authorization: Bearer KEY);
-    adding or deleting documents needs a write key."""
+    adding or deleting documents needs a write key.
+    answers: the queue answers take turns in (default: AnswerQueue(), its default size and time limit)."""
     from memstore.model.backbone import PRESETS
 
     default_model = default_model or settings.default_model()
-    service = Service(memory, threading.Lock(), default_model, list(dict.fromkeys([default_model, *(models or PRESETS)])),
+    service = Service(memory, answers or AnswerQueue(), default_model, list(dict.fromkeys([default_model, *(models or PRESETS)])),
                       title, examples or [], readiness)
     if warm_kv:
-        service.warmer = KVWarmer(memory, default_model, service.lock, service.examples,
+        service.warmer = KVWarmer(memory, default_model, service.answers, service.examples,
                                   after=readiness.all_ready if readiness else None)
 
     @contextlib.asynccontextmanager
@@ -234,35 +239,38 @@ def create_app(memory: Memory, *, default_model: str | None = None, models: list
     add_answer_routes(app, service)
     add_write_routes(app, service)
     add_read_routes(app, service)
-    add_openai_routes(app, memory, service.lock, service.allowed, default_model, answer_json, ANSWER_TOKENS,
+    add_openai_routes(app, memory, service.answers, service.allowed, default_model, answer_json, ANSWER_TOKENS,
                       service.model_ready)
     return app
 
 
 def add_answer_routes(app: FastAPI, service: Service) -> None:
-    """POST /ask and /ask/stream: answers with their sources."""
-    memory, lock = service.memory, service.lock
+    """POST /ask and /ask/stream: answers with their sources, through the answer queue."""
+    memory = service.memory
 
     @app.post("/ask", summary="Answer a question, with sources ranked by attention")
     def ask(req: AskRequest) -> dict:
         kwargs = service.ask_kwargs(req)
-        with lock:
-            return answer_json(memory.ask(req.question, **kwargs))
+        return answer_json(AnswerJob(memory, service.answers, req.question, **kwargs).result())
 
     @app.post("/ask/stream", summary="Answer a question, streamed as NDJSON events",
-              description='One JSON object per line: {"type": "token", "text": ...} as the answer is generated, '
-                          'then {"type": "answer", ...} (as POST /ask returns) or {"type": "error", "error": ...}.')
+              description='One JSON object per line: {"type": "queued", "ahead": n} while other answers are '
+                          'ahead, {"type": "token", "text": ...} as the answer is generated, then '
+                          '{"type": "answer", ...} (as POST /ask returns) or {"type": "error", "error": ...}. '
+                          "Closing the connection stops the answer.")
     def ask_stream(req: AskRequest) -> StreamingResponse:
         kwargs = service.ask_kwargs(req)
-        with lock:
-            memory.require_chunks()  # refused with a 400 before the stream starts
+        memory.require_chunks()  # refused with a 400 before the stream starts
+        job = AnswerJob(memory, service.answers, req.question, **kwargs)  # a full queue: 503 here
 
-        def lines():
-            for kind, value in answer_events(memory, lock, req.question, **kwargs):
+        async def lines():
+            async for kind, value in job.stream():
                 if kind == "answer":
                     event = {"type": "answer", **answer_json(value)}
+                elif kind == "queued":
+                    event = {"type": "queued", "ahead": value}
                 else:
-                    event = {"type": kind, "error" if kind == "error" else "text": value}
+                    event = {"type": kind, "error" if kind == "error" else "text": str(value)}
                 yield json.dumps(jsonable_encoder(event)) + "\n"
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
@@ -270,7 +278,7 @@ def add_answer_routes(app: FastAPI, service: Service) -> None:
 
 def add_write_routes(app: FastAPI, service: Service) -> None:
     """POST /documents and DELETE /documents/{id}: each one transaction with the index, as the CLI's."""
-    memory, lock = service.memory, service.lock
+    memory, lock = service.memory, service.memory.lock
 
     @app.post("/documents", status_code=201, summary="Add a document (or replace the one of that source)")
     def add_document(req: DocumentRequest) -> dict:
@@ -304,8 +312,8 @@ def require_keys(app: FastAPI, keys: ApiKeys) -> None:
 
 
 def add_read_routes(app: FastAPI, service: Service) -> None:
-    """The page, search, stats, models, documents and examples."""
-    memory, lock = service.memory, service.lock
+    """The page, search, stats, models, documents and examples: they wait for the store, never for an answer."""
+    memory, lock = service.memory, service.memory.lock
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
@@ -395,7 +403,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(MemstoreError)
     async def user_error(request: Request, exc: MemstoreError):
-        return error_response(request, str(exc), exc.http_status)
+        response = error_response(request, str(exc), exc.http_status)
+        if getattr(exc, "retry_after", None):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):
