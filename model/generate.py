@@ -33,7 +33,7 @@ SLOT_BIAS = -1.5
 CO_BEST = 0.6
 # Where the question asks for several things and several slots hold chunks close to the best one,
 # those slots' tokens are recomputed together once filled (SlotCache.blend), so each chunk reads
-# the others as it would in one prompt: bench/results/longctx.json, memory against
+# the others as it would in one prompt: bench/results/longctx_before_focus.json, memory against
 # memory_unblended. Blending for every question cost QA answers (longctx_blend_everywhere.json,
 # qa_runs/i_blend_everywhere.json), so single-fact questions keep chunks read alone.
 BLEND = True
