@@ -46,6 +46,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from machine import cpu_features, cpu_name
 from sqlalchemy import select
 
 import memstore
@@ -497,7 +498,7 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="retrieval-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     report = {"benchmark": "retrieval", "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-              "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+              "machine": {"cpu": cpu_name(), "cpu_features": cpu_features(), "cpus": os.cpu_count(),
                           "platform": platform.platform(), "faiss": faiss.__version__},
               "load_avg_start": load_avg()}
     t0 = time.perf_counter()
