@@ -22,8 +22,8 @@ from memstore.ingest.embed import (
     load_embedder,
     resolve_embedder_path,
 )
-from memstore.ingest.loaders import markdown_blocks, storable
-from memstore.ingest.pipeline import Ingestor
+from memstore.ingest.loaders import load, markdown_blocks, storable
+from memstore.ingest.pipeline import Ingestor, file_hash
 from memstore.model.generate import FOLLOW_SLOTS
 from memstore.settings import (
     ANSWER_TOKENS,
@@ -120,13 +120,31 @@ class Memory:
         NUL and lone surrogates, which no store can hold, become U+FFFD."""
         text = storable(text)
         digest = hashlib.sha256(text.encode()).hexdigest()
-        source = source or f"text:{digest[:16]}"
+        doc = DocumentIn(source=source or f"text:{digest[:16]}", content_hash=digest, size=len(text.encode()),
+                         mtime=0.0, char_count=0, title=title, meta=meta or {})
+        return self._add(doc, markdown_blocks(text), chunk_size, overlap)
+
+    @_locked
+    def add_file(self, path: str | Path, *, source: str, title: str | None = None, meta: dict | None = None,
+                 chunk_size: int = CHUNK_TOKENS, overlap: int = CHUNK_OVERLAP) -> int:
+        """Add one file under the name `source`, read by the loader `ingest` uses for its kind (txt, md,
+        rst, html, pdf); returns its document id. LoadError (Unsupported for other kinds) when it
+        cannot be read; a document of the same source is replaced."""
+        path = Path(path)
+        loaded = load(path)
+        doc = DocumentIn(source=source, content_hash=file_hash(path), size=path.stat().st_size, mtime=0.0,
+                         char_count=0, title=title or loaded.title, meta=meta or {}, encoding=loaded.encoding)
+        return self._add(doc, loaded.blocks, chunk_size, overlap, require_text=True)
+
+    def _add(self, doc: DocumentIn, blocks, chunk_size: int, overlap: int, require_text: bool = False) -> int:
+        """Chunk and embed `blocks` and store them as `doc`, in one transaction."""
         emb = self.embedder
         self.store.require_embedder(emb.name, emb.dim)
         chunker = Chunker(emb.tokenizer, ChunkerConfig(chunk_size, overlap).validate(emb.max_tokens))
-        chunks = list(chunker.chunks(markdown_blocks(text)))
-        doc = DocumentIn(source=source, content_hash=digest, size=len(text.encode()), mtime=0.0,
-                         char_count=chunker.char_count, title=title, meta=meta or {})
+        chunks = list(chunker.chunks(blocks))
+        if require_text and not chunks:
+            raise InvalidInputError(f"{doc.source} holds no text")
+        doc.char_count = chunker.char_count
         return self.store.add_document(doc, chunks, emb.encode([c.text for c in chunks]))
 
     @_locked

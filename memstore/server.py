@@ -12,13 +12,15 @@ import contextlib
 import html
 import json
 import logging
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -37,6 +39,7 @@ log = logging.getLogger("memstore.server")
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 64 * 1024
+UPLOAD_MAX_BYTES = 16 << 20  # a file added over HTTP (POST /documents/file)
 MAX_QUESTION_CHARS = 2000
 
 PUBLIC_PATHS = {"/", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}  # open even with API keys
@@ -286,6 +289,30 @@ def add_write_routes(app: FastAPI, service: Service) -> None:
             document_id = memory.add_text(req.text, source=req.source, title=req.title, meta=req.meta)
             return memory.store.document_info(document_id)
 
+    @app.post("/documents/file", status_code=201, summary="Add a file (txt, md, rst, html, pdf) as a document",
+              description=f"multipart/form-data: `file`, and optionally `source` (default: the file's name), "
+                          f"`title`, `meta` (a JSON object). Read by the loader `memstore ingest` uses for "
+                          f"its kind; at most {UPLOAD_MAX_BYTES >> 20} MiB.")
+    def add_file(file: Annotated[UploadFile, File()], source: Annotated[str | None, Form(max_length=500)] = None,
+                 title: Annotated[str | None, Form(max_length=500)] = None,
+                 meta: Annotated[str | None, Form()] = None) -> dict:
+        name = Path(file.filename or "").name
+        if not name:
+            raise HTTPException(422, "the upload has no file name (its suffix says how to read it)")
+        try:
+            fields = json.loads(meta) if meta else {}
+        except json.JSONDecodeError:
+            raise HTTPException(422, "meta must be a JSON object") from None
+        if not isinstance(fields, dict):
+            raise HTTPException(422, "meta must be a JSON object")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            with open(path, "wb") as out:
+                shutil.copyfileobj(file.file, out)
+            with lock:
+                document_id = memory.add_file(path, source=source or name, title=title, meta=fields)
+                return memory.store.document_info(document_id)
+
     @app.delete("/documents/{document_id}", summary="Delete a document, its chunks and their KV memory")
     def delete_document(document_id: int) -> dict:
         with lock:
@@ -379,14 +406,15 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
         size = request.headers.get("content-length")
-        if size and size.isdigit() and int(size) > MAX_BODY_BYTES:
-            return error_response(request, f"request body over {MAX_BODY_BYTES} bytes", 413)
+        limit = UPLOAD_MAX_BYTES if request.url.path == "/documents/file" else MAX_BODY_BYTES
+        if size and size.isdigit() and int(size) > limit:
+            return error_response(request, f"request body over {limit} bytes", 413)
         if size is None and request.method in ("POST", "PUT", "PATCH"):  # chunked: count it as it comes
             body = b""
             async for piece in request.stream():
                 body += piece
-                if len(body) > MAX_BODY_BYTES:
-                    return error_response(request, f"request body over {MAX_BODY_BYTES} bytes", 413)
+                if len(body) > limit:
+                    return error_response(request, f"request body over {limit} bytes", 413)
             request._body = body  # what the route reads (Starlette replays a body read here)
         return await call_next(request)
 

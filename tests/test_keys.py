@@ -75,3 +75,21 @@ def test_serving_beyond_loopback_needs_keys(tmp_path, keyfile):
     bad.write_text("read short\n")
     out = subprocess.run(cli + ["--api-key-file", str(bad)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "at least 16" in out.stderr and "short" not in out.stderr  # the key is not shown
+
+
+def test_a_file_is_added_with_the_loader_of_its_kind(client):
+    from conftest import SQLITE_DOC
+
+    page = (SQLITE_DOC / "autoinc.html").read_bytes()
+    files = {"file": ("autoinc.html", page, "text/html")}
+    refused = client.post("/documents/file", files=files, headers=auth(READ_KEY))
+    assert refused.status_code == 403
+    added = client.post("/documents/file", files=files, data={"meta": '{"kind": "manual"}'}, headers=auth(WRITE_KEY))
+    assert added.status_code == 201, added.text
+    info = added.json()
+    assert info["source"] == "autoinc.html" and info["meta"] == {"kind": "manual"} and info["chunks"] > 3
+    hits = client.get("/search", params={"q": "AUTOINCREMENT ROWID", "k": 1}, headers=auth(READ_KEY)).json()["hits"]
+    assert hits[0]["source"] == "autoinc.html" and "<" not in hits[0]["text"]  # read as HTML, not as text
+    bad = client.post("/documents/file", files={"file": ("image.png", b"\x89PNG\r\n", "image/png")},
+                      headers=auth(WRITE_KEY))
+    assert bad.status_code == 400 and "png" in bad.json()["error"].lower()
