@@ -172,7 +172,9 @@ def browser_page():
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page()
         dialogs = []
-        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.dialog_answer = None  # what a prompt is answered with; None dismisses every dialog
+        page.on("dialog", lambda d: (dialogs.append(d.message),
+                                     d.accept(page.dialog_answer) if page.dialog_answer else d.dismiss()))
         page.dialogs = dialogs
         yield page
         browser.close()
@@ -260,3 +262,35 @@ def test_openai_client_gets_clear_errors(openai_client):
         openai_client.chat.completions.create(model=model, messages=[{"role": "system", "content": "hi"}])
     with pytest.raises(openai.UnprocessableEntityError):
         openai_client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], n=2)
+
+
+def test_page_asks_for_the_api_key_once_and_answers(browser_page, tmp_path):
+    """A server with API keys: the page asks for a key on its first 401 and sends it from then on."""
+    import threading
+
+    import uvicorn
+
+    import memstore
+    from memstore.keys import load_api_keys
+    from memstore.server import create_app
+
+    key = "page-read-key-000001"
+    (tmp_path / "keys").write_text(f"read {key}\n")
+    page = browser_page
+    page.dialog_answer = key
+    with memstore.open(tmp_path / "store") as mem:
+        mem.add_text("# Widget notes\n\nThe widget's colour is teal.", source="widget.md")
+        app = create_app(mem, default_model="smollm2-135m", api_keys=load_api_keys(tmp_path / "keys"))
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        try:
+            while not server.started:
+                time.sleep(0.1)
+            ask_in_page(page, f"http://127.0.0.1:{port}", "What colour is the widget?", "rag")
+            assert "API key" in page.dialogs[0] and page.inner_text(".panel .answer").strip()
+            assert "widget.md" in page.inner_text(".panel .sources")
+        finally:
+            server.should_exit = True
+            thread.join(timeout=30)
