@@ -361,7 +361,6 @@ class Follows:
         slots.drop_local()
         return slots.forward(self.parts.suffix + generated)[0]
 
-
     def _steer(self, turn: Turn) -> bool:
         """Set the slots' biases for where the answer turned; whether any changed.
 

@@ -281,9 +281,6 @@ class SlotCache:
         """Add `bias` to every attention logit onto slot i (its attention weight times e^bias)."""
         self.slot_bias[i] = bias
 
-    def biased(self, i: int) -> bool:
-        return self.slot_bias[i] != 0
-
     def drop_local(self) -> None:
         """Forget everything after the slots (question and generated tokens)."""
         if not self._dirty:

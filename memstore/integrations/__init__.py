@@ -15,5 +15,6 @@ def hit_metadata(hit: Hit) -> dict:
     """What a retrieved chunk carries besides its text: where it is, and how well it matched."""
     return {name: value for name, value in hit.to_dict().items() if name != "text"}
 
+
 def missing(package: str, extra: str) -> ImportError:
     return ImportError(f"this integration needs {package}: pip install 'memstore[{extra}]'")

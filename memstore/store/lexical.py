@@ -136,12 +136,13 @@ def holding_all(conn: Connection, terms: list[str], ids: list[int]) -> set[int]:
 def named_words(text: str) -> set[str]:
     """The words of `text` that name something, lowercased: with a digit or an underscore, or with a
     capital letter where a sentence does not begin (a number, a code, a name)."""
-    named = set()
+    named, end = set(), None  # end: where the previous word ended (None before the first)
     for match in WORD.finditer(text):
-        word, before = match.group(), text[:match.start()].rstrip()
-        starts_sentence = not before or before[-1] in ".?!:"
+        word, gap = match.group(), text[end:match.start()].rstrip() if end is not None else ""
+        starts_sentence = end is None or gap[-1:] in (".", "?", "!", ":")
         if any(c.isdigit() or c == "_" for c in word) or (any(c.isupper() for c in word) and not starts_sentence):
             named.add(word.lower())
+        end = match.end()
     return named
 
 
@@ -152,10 +153,9 @@ def sole_holders(conn: Connection, q: LexicalQuery, named: set[str],
     sentence in the overlap of two neighbouring chunks is in both). Among document_ids' chunks,
     where given. A rare ordinary word ("cautious") points nowhere in particular: on the dev set,
     promoting its holders cost MRR (bench/results/retrieval.json)."""
-    single = [(n, t) for t, n in q.counts.items() if t in named and n > 0]
-    if not single or min(single)[0] > SOLE_HOLDERS:
+    count, term = min(((n, t) for t, n in q.counts.items() if t in named and n > 0), default=(0, None))
+    if term is None or count > SOLE_HOLDERS:
         return set()
-    term = min(single)[1]
     if conn.dialect.name == "sqlite":
         ids = list(conn.execute(text("SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH :t"),
                                 {"t": _fts_match([term])}).scalars())
