@@ -82,3 +82,40 @@ def test_put_under_the_budget_does_not_list_the_directory(tmp_path, monkeypatch)
     monkeypatch.undo()
     KVMemory(tmp_path, "m", dtype="int8").put(100, kv_like(100))  # another process writes
     assert mem.nbytes() == 40 * size
+
+
+def _writer(root, first: int, n: int, budget: int) -> None:
+    mem = KVMemory(root, "shared", budget_bytes=budget, dtype="int8")
+    for cid in range(first, first + n):
+        mem.put(cid, kv_like(seed=cid))
+
+
+def test_writers_sharing_a_directory_keep_the_budget_and_never_show_half_an_entry(tmp_path):
+    """Several processes (as on nodes sharing a network filesystem) encode into one KV directory at once,
+    overlapping chunk ids included, while a reader reads: every entry read is whole, no temporary file is
+    left, and the budget holds up to the entries still being written by the other writers."""
+    import multiprocessing
+
+    KVMemory(tmp_path / "probe", "m", dtype="int8").put(0, kv_like())
+    entry = (tmp_path / "probe" / "m" / "0.npy").stat().st_size
+    budget = 12 * entry
+    ctx = multiprocessing.get_context("spawn")
+    writers = [ctx.Process(target=_writer, args=(tmp_path, start, 40, budget)) for start in (0, 20, 40)]
+    for w in writers:
+        w.start()
+    reader = KVMemory(tmp_path, "shared", budget_bytes=budget, dtype="int8")
+    expected = {cid: dequantize(quantize_int8(kv_like(seed=cid))) for cid in range(80)}
+    seen = 0
+    while any(w.is_alive() for w in writers):
+        for cid in range(80):
+            got = reader.get(cid)
+            if got is not None:
+                assert np.array_equal(got, expected[cid])
+                seen += 1
+    for w in writers:
+        w.join()
+        assert w.exitcode == 0
+    names = [p.name for p in (tmp_path / "shared").iterdir()]
+    assert all(n.endswith(".npy") and n[:-4].isdigit() for n in names), names  # no temporary file left
+    assert seen > 0
+    assert reader.nbytes() <= budget + 2 * entry  # the others' entries in flight at the last eviction

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +71,10 @@ class KVMemory:
             kv = np.load(path, mmap_mode="r")
         except (FileNotFoundError, ValueError, OSError):
             return None
-        os.utime(path)  # recently used: last to be evicted
+        try:
+            os.utime(path)  # recently used: last to be evicted
+        except FileNotFoundError:  # evicted by another writer since: the open mapping still reads whole
+            pass
         return dequantize(kv)
 
     def put(self, chunk_id: int, kv: np.ndarray) -> np.ndarray:
@@ -79,7 +84,8 @@ class KVMemory:
         does not depend on whether its memory was just encoded or read back.
         """
         path = self.path(chunk_id)
-        tmp = path.with_suffix(".tmp.npy")
+        # a name of this writer's own: processes on several machines may encode the same chunk at once
+        tmp = path.with_name(f".{path.stem}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp.npy")
         data = quantize_int8(kv) if self.dtype == "int8" else np.ascontiguousarray(kv, dtype=np.float16)
         total = self.nbytes()
         try:
@@ -97,13 +103,13 @@ class KVMemory:
     def evict(self) -> int:
         """Remove the least recently used files down to the budget (the one place the directory is listed
         after the first count, so what other processes wrote is counted again here)."""
-        files = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.dir.glob("*.npy") if not p.name.endswith(".tmp.npy")]
+        files = [(st.st_mtime, st.st_size, path) for path, st in self._entries()]
         total = sum(size for _, size, _ in files)
         removed = 0
         for _, size, path in sorted(files):
             if total <= self.budget_bytes:
                 break
-            path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)  # another writer may have evicted it first
             total -= size
             removed += 1
         self._bytes, self._seen = total, self.dir.stat().st_mtime_ns
@@ -114,9 +120,19 @@ class KVMemory:
         `drop_chunks`) since this object last did: otherwise one stat of the directory."""
         seen = self.dir.stat().st_mtime_ns
         if self._bytes is None or seen != self._seen:
-            self._bytes = sum(p.stat().st_size for p in self.dir.glob("*.npy") if not p.name.endswith(".tmp.npy"))
+            self._bytes = sum(st.st_size for _, st in self._entries())
             self._seen = seen
         return self._bytes
+
+    def _entries(self) -> list[tuple[Path, os.stat_result]]:
+        """Finished entries with their stat (temporary files start with a dot; one may vanish while listed)."""
+        found = []
+        for path in self.dir.glob("[0-9]*.npy"):
+            try:
+                found.append((path, path.stat()))
+            except FileNotFoundError:  # evicted by another writer meanwhile
+                pass
+        return found
 
 
 def drop_chunks(root: Path, chunk_ids) -> int:
