@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from memstore.errors import InvalidInputError, StoreError
@@ -52,6 +53,31 @@ class IngestSummary:
     @property
     def ok(self) -> bool:
         return self.files_failed == 0
+
+
+@dataclass
+class FileWork:
+    """A file to read: what the driver learnt about it before handing it to a reader."""
+
+    path: str
+    source: str
+    digest: str
+    size: int
+    mtime: float
+    replaced: int  # chunks of the stored version this file replaces
+    known: bool  # a version of it is stored
+
+
+def read_document(work: FileWork, tokenizer, config: ChunkerConfig, encoding: str | None,
+                  meta: dict) -> tuple[DocumentIn, Chunker, Iterator[ChunkIn]]:
+    """Load a file and cut it into chunks (lazily: `chunker.char_count` is known once they are all taken)."""
+    path = Path(work.path)
+    loaded = load(path, encoding)
+    doc = DocumentIn(source=work.source, content_hash=work.digest, size=work.size, mtime=work.mtime,
+                     char_count=0, title=loaded.title or source_name(path.name), meta=dict(meta),
+                     encoding=loaded.encoding)
+    chunker = Chunker(tokenizer, config)
+    return doc, chunker, chunker.chunks(loaded.blocks)
 
 
 @dataclass
@@ -181,17 +207,7 @@ class Ingestor:
         status = "interrupted"
         bar = _progress(len(files), self.progress)
         try:
-            for path in files:
-                summary.files_seen += 1
-                self._ingest_file(path, rechunk)
-                if self._pending_chunks() >= self.embed_buffer:
-                    self._flush()
-                bar.update(1)
-                bar.set_postfix(chunks=summary.chunks_added,
-                                rate=f"{summary.chunks_added / max(1e-9, time.perf_counter() - started):.0f} chunks/s")
-                if self.on_commit and not self._pending:
-                    self.on_commit(summary.files_seen, len(files))
-            self._flush()
+            self._ingest_all(files, rechunk, bar, started)
             if self.on_commit:
                 self.on_commit(len(files), len(files))
             if prune:
@@ -206,44 +222,61 @@ class Ingestor:
             store.finish_run(run_id, status, {k: v for k, v in summary.to_dict().items() if not isinstance(v, list)})
         return summary
 
+    def _ingest_all(self, files: list[Path], rechunk: bool, bar, started: float) -> None:
+        """Read, embed and commit the files here, small files' chunks embedded together."""
+        for path in files:
+            self.summary.files_seen += 1
+            self._ingest_file(path, rechunk)
+            if self._pending_chunks() >= self.embed_buffer:
+                self._flush()
+            self._show(bar, started)
+            if self.on_commit and not self._pending:
+                self.on_commit(self.summary.files_seen, len(files))
+        self._flush()
+
+    def _show(self, bar, started: float) -> None:
+        bar.update(1)
+        rate = self.summary.chunks_added / max(1e-9, time.perf_counter() - started)
+        bar.set_postfix(chunks=self.summary.chunks_added, rate=f"{rate:.0f} chunks/s")
+
     # ---- one file ------------------------------------------------------------------------
+
+    def _plan(self, path: Path, rechunk: bool) -> FileWork | None:
+        """What reading `path` would replace, or None when the stored version is current (skipped)."""
+        source = source_name(path)
+        st = path.stat()
+        known = self.store.document(source)
+        if known and not rechunk and known["size"] == st.st_size and known["mtime"] == st.st_mtime:
+            self.summary.files_skipped += 1
+            return None
+        digest = file_hash(path)
+        if known and not rechunk and known["content_hash"] == digest:
+            self.store.touch_document(source, st.st_size, st.st_mtime)
+            self.summary.files_skipped += 1
+            return None
+        if st.st_size == 0:
+            self._skip(source, "empty file")
+            return None
+        return FileWork(str(path), source, digest, st.st_size, st.st_mtime, self._chunks_of(known), known is not None)
 
     def _ingest_file(self, path: Path, rechunk: bool) -> None:
         source = source_name(path)
         try:
-            st = path.stat()
-            known = self.store.document(source)
-            if known and not rechunk and known["size"] == st.st_size and known["mtime"] == st.st_mtime:
-                self.summary.files_skipped += 1
+            work = self._plan(path, rechunk)
+            if work is None:
                 return
-            digest = file_hash(path)
-            if known and not rechunk and known["content_hash"] == digest:
-                self.store.touch_document(source, st.st_size, st.st_mtime)
-                self.summary.files_skipped += 1
-                return
-            if st.st_size == 0:
-                self._skip(source, "empty file")
-                return
-            loaded = load(path, self.encoding)
-            doc = DocumentIn(source=source, content_hash=digest, size=st.st_size, mtime=st.st_mtime,
-                             char_count=0, title=loaded.title or source_name(path.name), meta=dict(self.meta),
-                             encoding=loaded.encoding)
-            chunker = Chunker(self.embedder.tokenizer, self.config)
-            chunks = chunker.chunks(loaded.blocks)
+            doc, chunker, chunks = read_document(work, self.embedder.tokenizer, self.config, self.encoding, self.meta)
             head = _take(chunks, STREAM_AFTER)
-            replaced = self._chunks_of(known)  # counted before the new version replaces it
             if len(head) < STREAM_AFTER:
                 doc.char_count = chunker.char_count
                 if not head:
-                    self._skip(source, "no text found")
-                    if known:
-                        self._delete(source)
+                    self._no_text(work)
                     return
-                self._pending.append(_Pending(doc, head, replaced))
+                self._pending.append(_Pending(doc, head, work.replaced))
             else:
                 self._flush()
                 self._stream_document(doc, chunker, head, chunks)
-                self.summary.chunks_removed += replaced
+                self.summary.chunks_removed += work.replaced
             self.summary.files_ingested += 1
         except Unsupported as e:
             self._skip(source, str(e))
@@ -251,6 +284,11 @@ class Ingestor:
             if isinstance(e, STORE_ERRORS):
                 raise
             self._fail(source, failure_reason(e), e)
+
+    def _no_text(self, work: FileWork) -> None:
+        self._skip(work.source, "no text found")
+        if work.known:
+            self._delete(work.source)
 
     def _stream_document(self, doc: DocumentIn, chunker: Chunker, head: list[ChunkIn], rest: Iterator[ChunkIn]) -> None:
         """A large document: embed and insert batch by batch inside one transaction."""
@@ -285,16 +323,21 @@ class Ingestor:
         for p in pending:
             part = vectors[start:start + len(p.chunks)]
             start += len(p.chunks)
-            try:
-                self.store.add_document(p.doc, p.chunks, part)
-            except Exception as e:
-                if isinstance(e, STORE_ERRORS):
-                    raise
+            if not self._commit(p, part):
                 self.summary.files_ingested -= 1
-                self._fail(p.doc.source, failure_reason(e, "storing"), e)
-                continue
-            self.summary.chunks_removed += p.replaced
-            self._count_added(p.chunks)
+
+    def _commit(self, p: _Pending, vectors: np.ndarray) -> bool:
+        """Store one document with its chunks and vectors in one transaction; a refusal is that file's failure."""
+        try:
+            self.store.add_document(p.doc, p.chunks, vectors)
+        except Exception as e:
+            if isinstance(e, STORE_ERRORS):
+                raise
+            self._fail(p.doc.source, failure_reason(e, "storing"), e)
+            return False
+        self.summary.chunks_removed += p.replaced
+        self._count_added(p.chunks)
+        return True
 
     def _count_added(self, chunks: list[ChunkIn]) -> None:
         self.summary.chunks_added += len(chunks)

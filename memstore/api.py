@@ -100,17 +100,24 @@ class Memory:
     def ingest(self, paths: str | Path | Iterable[str | Path], *, glob: str | None = None,
                chunk_size: int = CHUNK_TOKENS, overlap: int = CHUNK_OVERLAP, prune: bool = False,
                meta: dict | None = None, progress: bool | None = False, encoding: str | None = None,
-               on_commit: Callable[[int, int], None] | None = None) -> dict:
+               on_commit: Callable[[int, int], None] | None = None, ray: str | bool | None = None) -> dict:
         """Ingest files and directories; returns the run summary (files, chunks, seconds, failures).
 
         A file that cannot be read is listed under "failed" (or "skipped" when it is not a kind
         memstore reads) and the run goes on. `encoding` names the encoding of every text file;
         by default each one's is read from its byte-order mark, else UTF-8, else guessed.
-        `on_commit(files done, files in all)` is called whenever every file so far is searchable."""
+        `on_commit(files done, files in all)` is called whenever every file so far is searchable.
+        `ray`: read, chunk and embed on a Ray cluster (True: a Ray started here or $RAY_ADDRESS; or an
+        address); this process still commits file by file, so the store is the same as without Ray."""
         if isinstance(paths, (str, Path)):
             paths = [paths]
-        ingestor = Ingestor(self.store, self.embedder, ChunkerConfig(chunk_size, overlap), meta=meta,
-                            progress=progress, encoding=encoding, on_commit=on_commit)
+        options = dict(meta=meta, progress=progress, encoding=encoding, on_commit=on_commit)
+        if ray:
+            from memstore.ingest.ray_runner import RayIngestor
+
+            ingestor = RayIngestor(self.store, self.embedder, ChunkerConfig(chunk_size, overlap), address=ray, **options)
+        else:
+            ingestor = Ingestor(self.store, self.embedder, ChunkerConfig(chunk_size, overlap), **options)
         return ingestor.run(paths, glob=glob, prune=prune).to_dict()
 
     @_locked
@@ -255,22 +262,29 @@ class Memory:
             raise MemstoreError("the store is empty; ingest documents first (`memstore ingest PATH`)")
 
     def build_kv(self, model: str | None = None, *, budget_gib: float | None = None,
-                 progress: bool | None = False) -> dict:
+                 progress: bool | None = False, ray: str | bool | None = None) -> dict:
         """Compute the KV memory of every chunk for `model` now, instead of on first retrieval.
 
         budget_gib: the largest KV memory on disk, kept in the store for every later ask
-        (default: the store's, 4 GiB until one is set).
+        (default: the store's, 4 GiB until one is set). ray: encode on a Ray cluster (True: a Ray
+        started here or $RAY_ADDRESS; or an address) whose nodes all see the store's KV directory.
         """
         from tqdm import tqdm
 
-        answerer = self._answerer(model or default_model(), budget_gib)
+        model = model or default_model()
+        answerer = self._answerer(model, budget_gib)
         chunks = self.store.all_chunks()
         kv = answerer.stored_memory()
         todo_tokens = sum(answerer.kv_tokens(c) for c in answerer.without_memory(chunks))
         started = time.perf_counter()
         with tqdm(total=todo_tokens, unit="tok", unit_scale=True, desc=f"kv {answerer.backbone.weights}",
                   disable=not progress) as bar:  # only what is left: a resumed run counts its own work
-            encoded = answerer.precompute(chunks, progress=bar.update)  # refuses a budget too small
+            if ray:
+                from memstore.model.ray_kv import encode_on_ray
+
+                encoded = encode_on_ray(answerer, model, chunks, ray, progress=bar.update)
+            else:
+                encoded = answerer.precompute(chunks, progress=bar.update)  # refuses a budget too small
         seconds = time.perf_counter() - started
         if budget_gib is not None:
             self.store.set_setting("kv_budget_gib", float(budget_gib))

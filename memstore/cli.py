@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from memstore.cluster import LOCAL
 from memstore.errors import InvalidInputError, MemstoreError
 from memstore.settings import (
     ANSWER_MODES,
@@ -135,11 +136,15 @@ def main():
               help="Encoding of every text file (e.g. cp1252, shift_jis). Default: per file, from its "
                    "byte-order mark, else UTF-8, else a guess; the one used is recorded with the document.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: only on a terminal).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value=LOCAL, default=None, metavar="[ADDRESS]",
+              help="Read, chunk, embed (and with --kv encode) on a Ray cluster: at ADDRESS, or $RAY_ADDRESS, else a Ray "
+                   "started here. Needs `pip install 'memstore[ray]'`; files and the store's directory must be "
+                   "at the same paths on every node. This process still commits file by file.")
 @verbose_option
 @json_option
 @friendly_errors
 def ingest(paths, store, data_dir, glob, chunk_size, overlap, prune, embedder, meta, kv, model, kv_budget,
-           encoding, progress, as_json):
+           encoding, progress, ray_address, as_json):
     """Ingest files and directories (txt, md, rst, html, pdf) into the store.
 
     Unchanged files are skipped; changed files are replaced; a killed run resumes. A file that
@@ -148,10 +153,11 @@ def ingest(paths, store, data_dir, glob, chunk_size, overlap, prune, embedder, m
     """
     with open_memory(store, data_dir, create=True, embedder=embedder) as mem:
         summary = mem.ingest(list(paths), glob=glob, chunk_size=chunk_size, overlap=overlap,
-                             prune=prune, meta=parse_pairs(meta), progress=progress, encoding=encoding)
+                             prune=prune, meta=parse_pairs(meta), progress=progress, encoding=encoding,
+                             ray=ray_address)
         if kv:
             show = sys.stderr.isatty() if progress is None else progress
-            summary["kv"] = mem.build_kv(model, budget_gib=kv_budget, progress=show)
+            summary["kv"] = mem.build_kv(model, budget_gib=kv_budget, progress=show, ray=ray_address)
     emit(summary, as_json, print_ingest_summary)
     if summary["files_failed"]:
         sys.exit(1)

@@ -108,3 +108,9 @@ class BackendMissingError(MemstoreError):
     """The CPU or the torch build lacks a kernel that a requested format needs."""
 
     http_status = 503
+
+
+class MissingExtraError(MemstoreError):
+    """An optional part (an extra such as Ray) that the request needs is not installed."""
+
+    http_status = 503

@@ -94,20 +94,23 @@ class Answerer:
         called after each batch.
         """
         prefix = PromptParts(self.backbone.tokenizer, "").prefix
-        kv = self.kv_memory(prefix)
         todo = self.without_memory(chunks)
-        b = self.backbone
-        per_token = bytes_per_token(b.n_layers, b.n_kv_heads, b.head_dim, self.kv_dtype)
-        need = kv.nbytes() + per_token * sum(self.kv_tokens(c) for c in todo)
-        if need > self.kv_budget_bytes:
-            raise KVBudgetError(f"KV memory for {len(chunks)} chunks needs about {need / 2**30:.1f} GiB with "
-                             f"{self.backbone.name}, over the {self.kv_budget_bytes / 2**30:.1f} GiB budget; "
-                             "raise --kv-budget or let memory mode encode chunks lazily")
+        self.check_budget(todo, len(chunks))
         for start in range(0, len(todo), batch):
             self.kv_for(todo[start:start + batch], prefix)
             if progress:
                 progress(sum(self.kv_tokens(c) for c in todo[start:start + batch]))
         return len(todo)
+
+    def check_budget(self, todo: list[ChunkRecord], of: int) -> None:
+        """Refuse (KVBudgetError) when encoding `todo` (of `of` chunks asked for) would outgrow the KV byte budget."""
+        b = self.backbone
+        per_token = bytes_per_token(b.n_layers, b.n_kv_heads, b.head_dim, self.kv_dtype)
+        need = self.stored_memory().nbytes() + per_token * sum(self.kv_tokens(c) for c in todo)
+        if need > self.kv_budget_bytes:
+            raise KVBudgetError(f"KV memory for {of} chunks needs about {need / 2**30:.1f} GiB with "
+                                f"{b.name}, over the {self.kv_budget_bytes / 2**30:.1f} GiB budget; "
+                                "raise --kv-budget or let memory mode encode chunks lazily")
 
     def ask(self, question: str, retrieve: Callable[[str], list[Hit]], *, mode: str = "memory", k: int = TOP_K,
             max_new_tokens: int = ANSWER_TOKENS, retrieve_every: int = 1, document_text: Callable[[], str] | None = None,

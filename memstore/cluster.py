@@ -1,0 +1,45 @@
+"""Joining a Ray cluster for the work that spreads over machines (embedding, KV encoding).
+
+Ray is an optional extra: `pip install 'memstore[ray]'`. Every node must have memstore and
+the models installed, and see the files to ingest and the store's KV directory at the same
+paths (a shared filesystem), as Ray Data's own file readers expect.
+"""
+from __future__ import annotations
+
+import logging
+
+from memstore.errors import MissingExtraError
+
+LOCAL = "local"  # start a Ray instance on this machine (or join $RAY_ADDRESS)
+
+
+def ray_module():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise MissingExtraError("--ray needs Ray Data; install it with `pip install 'memstore[ray]'`") from None
+    return ray
+
+
+def connect(address: str | bool | None = LOCAL):
+    """Join the cluster at `address` (a Ray address, or LOCAL/True for a Ray started here) unless this process
+    already has; returns the ray module. Ray Data's own progress bars are turned off: the caller shows one."""
+    ray = ray_module()
+    if not ray.is_initialized():
+        if address in (True, None, LOCAL):
+            ray.init(include_dashboard=False, logging_level=logging.WARNING, configure_logging=False)
+        else:
+            ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # per-run notices; failures still raise
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    return ray
+
+
+def cluster_cpus() -> int:
+    """Whole CPUs in the cluster: one embedding or encoding actor each."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
