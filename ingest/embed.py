@@ -10,6 +10,7 @@ Nothing is ever downloaded at run time.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import shutil
 import tempfile
@@ -148,6 +149,23 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(name: str = DEFAULT_EMBEDDER):
+    """The embedder's tokenizer alone (what the chunker counts with), without loading the model's weights."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # chunking tokenizes whole paragraphs, longer than the model window
+
+    folder = resolve_embedder_path(name)
+    modules = folder / "modules.json"
+    if modules.exists():  # a sentence-transformers folder: the tokenizer sits with its Transformer module
+        module = next((m for m in json.loads(modules.read_text()) if m["type"].endswith("Transformer")), None)
+        folder = folder / module["path"] if module else folder
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
 @lru_cache(maxsize=4)

@@ -13,7 +13,7 @@ import numpy as np
 
 from memstore.cluster import cluster_cpus, connect
 from memstore.ingest.chunking import ChunkerConfig
-from memstore.ingest.embed import Embedder, load_embedder, torch_threads
+from memstore.ingest.embed import Embedder, load_tokenizer, torch_threads
 from memstore.ingest.loaders import Unsupported
 from memstore.ingest.pipeline import (
     STORE_ERRORS,
@@ -26,9 +26,10 @@ from memstore.ingest.pipeline import (
 )
 from memstore.store import ChunkIn, DocumentIn
 
-EMBED_BATCH = 256  # chunks per actor call
+EMBED_BATCH = 64  # chunks per actor call: small, so that no actor is left with a long last batch
 ACTOR_CPUS = 0.8  # an embedding actor runs one torch thread; the rest of its CPU goes to reading and chunking
 READ_CPUS = 0.2
+MAX_BLOCKS = 2000
 CHUNK_FIELDS = ("ordinal", "char_start", "char_end", "text", "token_count", "heading_path")
 
 
@@ -60,8 +61,10 @@ class RayIngestor(Ingestor):
     def _run_on_ray(self, work: list[FileWork], bar, started: float, done: int, total: int) -> None:
         ray = connect(self.address)
         actors = cluster_cpus()
-        rows = ray.data.from_items([asdict(w) for w in work], override_num_blocks=min(len(work), 4 * actors))
-        chunked = rows.flat_map(read_and_chunk, num_cpus=READ_CPUS, fn_kwargs={
+        # a block per file: the first file's chunks reach the embedders as soon as it is read
+        rows = ray.data.from_items([asdict(w) for w in work], override_num_blocks=min(len(work), MAX_BLOCKS))
+        # readers at most one per CPU: each worker process pays for its imports and tokenizer once
+        chunked = rows.flat_map(read_and_chunk, num_cpus=READ_CPUS, compute=ray.data.TaskPoolStrategy(size=actors), fn_kwargs={
             "embedder": self.embedder.name, "config": asdict(self.config), "encoding": self.encoding, "meta": self.meta})
         embedded = chunked.map_batches(EmbedChunks, fn_constructor_kwargs={"embedder": self.embedder.name},
                                        batch_size=EMBED_BATCH, num_cpus=ACTOR_CPUS,
@@ -103,7 +106,7 @@ def read_and_chunk(item: dict, *, embedder: str, config: dict, encoding: str | N
     """A Ray task: one file -> one row per chunk (or one row saying why there are none)."""
     work = FileWork(**item)
     try:
-        tokenizer = load_embedder(embedder).tokenizer  # once per worker process
+        tokenizer = load_tokenizer(embedder)  # once per worker process
         doc, chunker, chunks = read_document(work, tokenizer, ChunkerConfig(**config), encoding, meta)
         chunks = list(chunks)
         doc.char_count = chunker.char_count
