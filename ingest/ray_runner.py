@@ -1,5 +1,5 @@
 """Ingestion spread over a Ray cluster: files are read and chunked by tasks, chunks embedded by a
-pool of actors (one per CPU), and every file committed by the driver as soon as all of its chunks
+pool of actors (one per node's worth of CPUs), and every file committed by the driver as soon as all of its chunks
 are back, in one transaction as without Ray. So skip-unchanged, per-file replace, --prune and
 resume after a kill behave exactly as in one process; a killed worker's task is retried by Ray.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memstore.cluster import cluster_cpus, connect
+from memstore.cluster import connect, node_share
 from memstore.ingest.chunking import ChunkerConfig
 from memstore.ingest.embed import Embedder, load_tokenizer, torch_threads
 from memstore.ingest.loaders import Unsupported
@@ -26,8 +26,8 @@ from memstore.ingest.pipeline import (
 )
 from memstore.store import ChunkIn, DocumentIn
 
-EMBED_BATCH = 64  # chunks per actor call: small, so that no actor is left with a long last batch
-ACTOR_CPUS = 0.8  # an embedding actor runs one torch thread; the rest of its CPU goes to reading and chunking
+EMBED_BATCH = 256  # chunks per actor call (sorted by length inside it, as one process sorts its buffer)
+ACTOR_CPUS = 0.8  # per CPU an embedding actor holds: it runs a torch thread there; the rest goes to reading
 READ_CPUS = 0.2
 MAX_BLOCKS = 2000
 CHUNK_FIELDS = ("ordinal", "char_start", "char_end", "text", "token_count", "heading_path")
@@ -60,14 +60,14 @@ class RayIngestor(Ingestor):
 
     def _run_on_ray(self, work: list[FileWork], bar, started: float, done: int, total: int) -> None:
         ray = connect(self.address)
-        actors = cluster_cpus()
+        actors, threads = node_share()
         # a block per file: the first file's chunks reach the embedders as soon as it is read
         rows = ray.data.from_items([asdict(w) for w in work], override_num_blocks=min(len(work), MAX_BLOCKS))
-        # readers at most one per CPU: each worker process pays for its imports and tokenizer once
+        # a reader per embedding actor: each reader process pays for its imports and tokenizer once
         chunked = rows.flat_map(read_and_chunk, num_cpus=READ_CPUS, compute=ray.data.TaskPoolStrategy(size=actors), fn_kwargs={
             "embedder": self.embedder.name, "config": asdict(self.config), "encoding": self.encoding, "meta": self.meta})
-        embedded = chunked.map_batches(EmbedChunks, fn_constructor_kwargs={"embedder": self.embedder.name},
-                                       batch_size=EMBED_BATCH, num_cpus=ACTOR_CPUS,
+        embedded = chunked.map_batches(EmbedChunks, fn_constructor_kwargs={"embedder": self.embedder.name, "threads": threads},
+                                       batch_size=EMBED_BATCH, num_cpus=ACTOR_CPUS * threads,
                                        compute=ray.data.ActorPoolStrategy(size=actors))
         by_source = {w.source: w for w in work}
         waiting: dict[str, list[dict]] = {}
@@ -128,17 +128,18 @@ def _problem_row(work: FileWork, problem: str, reason: str) -> dict:
 
 
 class EmbedChunks:
-    """A Ray actor: embeds batches of chunk rows with one torch thread (one actor per CPU)."""
+    """A Ray actor: embeds batches of chunk rows with `threads` torch threads."""
 
-    def __init__(self, embedder: str):
+    def __init__(self, embedder: str, threads: int):
         self.embedder = Embedder(embedder)
+        self.threads = threads
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = batch["text"]
         real = batch["chunks"] > 0
         vectors = np.zeros((len(texts), self.embedder.dim), dtype=np.float32)
         if real.any():
-            with torch_threads(1):
+            with torch_threads(self.threads):
                 vectors[real] = self.embedder.encode([str(t) for t in texts[real]])
         batch["vector"] = vectors
         return batch

@@ -39,7 +39,17 @@ def connect(address: str | bool | None = LOCAL):
 
 
 def cluster_cpus() -> int:
-    """Whole CPUs in the cluster: one embedding or encoding actor each."""
+    """Whole CPUs in the cluster: one encoding actor each."""
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def node_share() -> tuple[int, int]:
+    """(actors, CPUs each): one actor per smallest node's worth of CPUs, so that on a node each actor
+    runs a torch thread per CPU (one process with 2 threads embedded faster than 2 with one: bench/results/scale.json)."""
+    import ray
+
+    sizes = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    per_actor = max(1, min((s for s in sizes if s > 0), default=1))
+    return max(1, cluster_cpus() // per_actor), per_actor
