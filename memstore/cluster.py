@@ -7,8 +7,9 @@ paths (a shared filesystem), as Ray Data's own file readers expect.
 from __future__ import annotations
 
 import logging
+import socket
 
-from memstore.errors import MissingExtraError
+from memstore.errors import ClusterUnreachableError, MissingExtraError
 
 LOCAL = "local"  # start a Ray instance on this machine (or join $RAY_ADDRESS)
 
@@ -26,6 +27,8 @@ def connect(address: str | bool | None = LOCAL):
     """Join the cluster at `address` (a Ray address, or LOCAL/True for a Ray started here) unless this process
     already has; returns the ray module. Ray Data's own progress bars are turned off: the caller shows one."""
     ray = ray_module()
+    if address not in (True, None, LOCAL):
+        check_reachable(str(address))
     if not ray.is_initialized():
         if address in (True, None, LOCAL):
             ray.init(include_dashboard=False, logging_level=logging.WARNING, configure_logging=False)
@@ -36,6 +39,18 @@ def connect(address: str | bool | None = LOCAL):
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     return ray
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail at once where nothing listens at a host:port address (Ray itself retries for minutes)."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" and other forms: left to Ray
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ClusterUnreachableError(f"no Ray cluster answers at {address} ({e.strerror or e}); start one with "
+                                      "`ray start --head` there, or pass --ray without an address to start one here") from None
 
 
 def cluster_cpus() -> int:

@@ -114,3 +114,9 @@ class MissingExtraError(MemstoreError):
     """An optional part (an extra such as Ray) that the request needs is not installed."""
 
     http_status = 503
+
+
+class ClusterUnreachableError(MemstoreError):
+    """Nothing answers at the Ray cluster address given."""
+
+    http_status = 503

@@ -153,6 +153,22 @@ def test_ray_without_the_extra_says_how_to_get_it(tmp_path, monkeypatch):
     assert "pip install 'memstore[ray]'" in result.output
 
 
+def test_an_address_where_no_ray_listens_fails_at_once(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    shutil.copy(SQLITE_DOC / "autoinc.html", docs)
+    started = time.monotonic()
+    result = CliRunner().invoke(main, ["ingest", str(docs), "--store", str(tmp_path / "kb"), "--ray", f"127.0.0.1:{port}"])
+    assert result.exit_code == 2, result.output
+    assert f"no Ray cluster answers at 127.0.0.1:{port}" in result.output
+    assert time.monotonic() - started < 30  # not Ray's own minutes of retrying
+
+
 # ---- many servers, one PostgreSQL store --------------------------------------------------------
 
 def _start_server(url: str, data_dir: Path, port: int) -> subprocess.Popen:
