@@ -27,10 +27,11 @@ def connect(address: str | bool | None = LOCAL):
     """Join the cluster at `address` (a Ray address, or LOCAL/True for a Ray started here) unless this process
     already has; returns the ray module. Ray Data's own progress bars are turned off: the caller shows one."""
     ray = ray_module()
-    if address not in (True, None, LOCAL):
+    here = address in (True, None, LOCAL)
+    if not here:
         check_reachable(str(address))
     if not ray.is_initialized():
-        if address in (True, None, LOCAL):
+        if here:
             ray.init(include_dashboard=False, logging_level=logging.WARNING, configure_logging=False)
         else:
             ray.init(address=address, logging_level=logging.WARNING, configure_logging=False)

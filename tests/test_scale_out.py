@@ -8,14 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import SQLITE_DOC
+from test_server import free_port, request, wait_serving
 
 from memstore.api import Memory
 from memstore.cli import main
@@ -154,11 +153,7 @@ def test_ray_without_the_extra_says_how_to_get_it(tmp_path, monkeypatch):
 
 
 def test_an_address_where_no_ray_listens_fails_at_once(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here once closed
+    port = free_port()  # nothing listens here once closed
     docs = tmp_path / "docs"
     docs.mkdir()
     shutil.copy(SQLITE_DOC / "autoinc.html", docs)
@@ -177,59 +172,29 @@ def _start_server(url: str, data_dir: Path, port: int) -> subprocess.Popen:
                              "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
-def _call(base: str, path: str, method: str = "GET", body: bytes | None = None) -> tuple[int, dict]:
-    import json
-
-    req = urllib.request.Request(base + path, data=body, method=method, headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-def _wait_up(base: str, proc: subprocess.Popen) -> None:
-    deadline = time.time() + 180
-    while True:
-        try:
-            _call(base, "/stats")
-            return
-        except (urllib.error.URLError, ConnectionError):
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"server did not start: {proc.stdout.read()}")
-            time.sleep(0.5)
-
-
 @pytest.mark.postgres
 def test_two_servers_over_one_postgres_store_see_each_others_writes(pg_url, tmp_path):
-    import json
-    import socket
     from urllib.parse import quote
 
     with Memory(pg_url, data_dir=tmp_path / "seed", create=True) as mem:  # a store with its embedder
         mem.add_text("The lighthouse keeper's name is Ingrid Solberg.", source="lighthouse.txt")
-    ports = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
+    ports = [free_port(), free_port()]
     procs = [_start_server(pg_url, tmp_path / f"node{i}", port) for i, port in enumerate(ports)]
     a, b = (f"http://127.0.0.1:{port}" for port in ports)
     try:
         for base, proc in zip((a, b), procs):
-            _wait_up(base, proc)
-        status, added = _call(a, "/documents", "POST", json.dumps(
-            {"text": "Quarry 9 ships basalt on Tuesdays from the Vellmar dock.", "source": "quarry.txt"}).encode())
+            wait_serving(base, proc, timeout_s=180)
+        status, added = request(a, "/documents", {"text": "Quarry 9 ships basalt on Tuesdays from the Vellmar dock.",
+                                                  "source": "quarry.txt"})
         assert status == 201, added
-        status, found = _call(b, "/search?q=" + quote("Which dock ships basalt?") + "&k=1")
+        status, found = request(b, "/search?q=" + quote("Which dock ships basalt?") + "&k=1")
         assert status == 200 and found["hits"][0]["source"] == "quarry.txt"  # written on A, found on B at once
 
-        status, _ = _call(b, f"/documents/{added['id']}", "DELETE")
+        status, _ = request(b, f"/documents/{added['id']}", method="DELETE")
         assert status == 200
-        status, found = _call(a, "/search?q=" + quote("Which dock ships basalt?") + "&k=3")
+        status, found = request(a, "/search?q=" + quote("Which dock ships basalt?") + "&k=3")
         assert all(h["source"] != "quarry.txt" for h in found["hits"])  # deleted on B, gone on A
-        assert _call(a, "/stats")[1]["documents"] == _call(b, "/stats")[1]["documents"] == 1
+        assert request(a, "/stats")[1]["documents"] == request(b, "/stats")[1]["documents"] == 1
     finally:
         for proc in procs:
             proc.terminate()

@@ -40,15 +40,29 @@ def memstore_cli(*args, **kwargs):
                           timeout=600, **kwargs)
 
 
-def request(base: str, path: str, body=None, *, raw: bytes | None = None):
-    """(status, parsed JSON body) for a GET, or a POST of `body` as JSON."""
+def request(base: str, path: str, body=None, *, raw: bytes | None = None, method: str | None = None):
+    """(status, parsed JSON body) for a GET, or a POST of `body` as JSON (or another `method`)."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(base + path, data=data, headers={"content-type": "application/json"})
+    req = urllib.request.Request(base + path, data=data, headers={"content-type": "application/json"}, method=method)
     try:
         with urllib.request.urlopen(req, timeout=300) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def wait_serving(base: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
+    """Return once the server at `base` answers; fail with its output if it exits or takes too long."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            request(base, "/stats")
+            return
+        except (urllib.error.URLError, ConnectionError):
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"server did not start: {proc.stdout.read()}")
+            time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -71,16 +85,7 @@ def server(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "memstore.cli", "serve", "--store", str(store), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while True:
-        try:
-            request(base, "/stats")
-            break
-        except (urllib.error.URLError, ConnectionError):
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"server did not start: {proc.stdout.read()}")
-            time.sleep(0.5)
+    wait_serving(base, proc)
     yield base
     proc.terminate()
     proc.wait(timeout=30)
