@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 import memstore  # noqa: E402
 from memstore.ingest.chunking import Chunker, ChunkerConfig  # noqa: E402
-from memstore.ingest.embed import DEFAULT_EMBEDDER, load_embedder  # noqa: E402
+from memstore.ingest.embed import DEFAULT_EMBEDDER, load_embedder, resolve_embedder_path  # noqa: E402
 from memstore.ingest.loaders import LoadError, load  # noqa: E402
 from memstore.ingest.pipeline import discover  # noqa: E402
 
@@ -193,11 +193,13 @@ def run_load_chunk(emb, files: list[Path], size: int, overlap: int) -> dict:
     }, per_file
 
 
-def run_peer(emb, files: list[Path], size: int, overlap: int) -> dict:
+def run_peer(emb, files: list[Path], size: int, overlap: int, stock: bool) -> dict:
     """LlamaIndex's IngestionPipeline on the same work: the same files' text (read by memstore's
     loaders, timed apart, as LlamaIndex's core has no HTML reader), its SentenceSplitter at the
-    same chunk size and overlap in the same tokenizer's tokens, the same embedder object, batch 64,
-    nodes kept in its in-memory SimpleVectorStore (memstore writes SQLite + FAISS, durably)."""
+    same chunk size and overlap in the same tokenizer's tokens, nodes kept in its in-memory
+    SimpleVectorStore (memstore writes SQLite + FAISS, durably). The embedder: with `stock`, the
+    same model as LlamaIndex runs it (llama-index-embeddings-huggingface: sentence-transformers in
+    torch, its default batch); else memstore's own embedder object, so only the pipelines differ."""
     from llama_index.core import Document
     from llama_index.core.embeddings import BaseEmbedding
     from llama_index.core.ingestion import IngestionPipeline
@@ -226,18 +228,32 @@ def run_peer(emb, files: list[Path], size: int, overlap: int) -> dict:
             continue
     load_s = time.perf_counter() - t
     tokenize = lambda text: emb.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    if stock:
+        from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+
+        embed_model = HuggingFaceEmbedding(model_name=str(resolve_embedder_path(emb.name)), device="cpu")
+        embedder = {"embedder": "llama-index-embeddings-huggingface " + _version("llama-index-embeddings-huggingface"),
+                    "embed_batch_size": embed_model.embed_batch_size}
+    else:
+        embed_model = SameEmbedder(model_name=emb.name, embed_batch_size=emb.batch_size)
+        embedder = {"embedder": f"memstore's ({emb.format})", "embed_batch_size": emb.batch_size}
     pipeline = IngestionPipeline(
-        transformations=[SentenceSplitter(chunk_size=size, chunk_overlap=overlap, tokenizer=tokenize),
-                         SameEmbedder(model_name=emb.name, embed_batch_size=emb.batch_size)],
+        transformations=[SentenceSplitter(chunk_size=size, chunk_overlap=overlap, tokenizer=tokenize), embed_model],
         vector_store=SimpleVectorStore())
     t = time.perf_counter()
     nodes = pipeline.run(documents=docs)
     run_s = time.perf_counter() - t
     tokens = sum(len(tokenize(n.get_content())) for n in nodes)
-    return {"library": "llama-index-core " + __import__("importlib.metadata").metadata.version("llama-index-core"),
+    return {"library": "llama-index-core " + _version("llama-index-core"), **embedder,
             "documents": len(docs), "nodes": len(nodes), "load_seconds_memstore_loaders": round(load_s, 3),
             "pipeline_seconds": round(run_s, 3),
             **{k: v for k, v in rates(load_s + run_s, len(docs), len(nodes), tokens).items()}}
+
+
+def _version(dist: str) -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version(dist)
 
 
 def run_raw(emb, texts: list[str], tokens: int, warmup: int) -> dict:
@@ -336,11 +352,14 @@ def main() -> None:
         raw["contention"] = contention  # includes the warm-up
         print(json.dumps(raw), flush=True)
 
-        peer = None
-        if args.peer:
-            print("LlamaIndex IngestionPipeline on the same files ...", flush=True)
-            peer, contention = phase(run_peer, emb, files, args.chunk_size, args.overlap)
+        peers = {}
+        for name, stock in (("peer_llama_index", False), ("peer_llama_index_stock_embedder", True)):
+            if not args.peer:
+                break
+            print(f"LlamaIndex IngestionPipeline on the same files ({name}) ...", flush=True)
+            peer, contention = phase(run_peer, emb, files, args.chunk_size, args.overlap, stock)
             peer["contention"] = contention
+            peers[name] = peer
             peer["memstore_chunks_per_s_over_peer"] = round(pipeline["chunks_per_s"] / peer["chunks_per_s"], 3)
             peer["memstore_tokens_per_s_over_peer"] = round(pipeline["tokens_per_s"] / peer["tokens_per_s"], 3)
             print(json.dumps(peer), flush=True)
@@ -351,7 +370,7 @@ def main() -> None:
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "machine": machine(),
             "embedder": {"name": emb.name, "dim": emb.dim, "max_tokens": emb.max_tokens,
-                         "batch_size": emb.batch_size, "load_seconds": round(load_embedder_s, 2)},
+                         "batch_size": emb.batch_size, "format": emb.format, "load_seconds": round(load_embedder_s, 2)},
             "corpus": {"root": str(source), "ingested_from": str(corpus), "glob": GLOB,
                        "limit": args.limit, "files": len(files),
                        "bytes": sum(f.stat().st_size for f in files)},
@@ -373,8 +392,8 @@ def main() -> None:
             },
             "store": stats,
         }
-        if peer:
-            result["peer_llama_index"] = peer
+        result.update(peers)
+        if peers:
             result["peer_target"] = "memstore ingest throughput >= 2x LlamaIndex's on the same work (issue 19)"
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

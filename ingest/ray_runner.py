@@ -131,7 +131,7 @@ class EmbedChunks:
     """A Ray actor: embeds batches of chunk rows with `threads` torch threads."""
 
     def __init__(self, embedder: str, threads: int):
-        self.embedder = Embedder(embedder)
+        self.embedder = Embedder(embedder, threads=threads)
         self.threads = threads
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

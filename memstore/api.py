@@ -93,7 +93,8 @@ class Memory:
     def reranker(self) -> Embedder:
         """The second, stronger bi-encoder of `search(rerank=True)` (all-mpnet-base-v2 unless chosen)."""
         if self._reranker is None:
-            self._reranker = load_embedder(self.reranker_name)
+            # exact: int8 vectors were measured for the default embedder only (bench/results/embed_formats.json)
+            self._reranker = load_embedder(self.reranker_name, exact=True)
         return self._reranker
 
     @_locked

@@ -31,6 +31,9 @@ KV_BUDGET_GIB = 4.0  # the KV memory's size, until `ingest --kv --kv-budget` set
 MODEL = "qwen2.5-0.5b"
 STORE = ".memstore"  # the CLI's store when neither --store nor MEMSTORE_STORE names one
 EMBED_BUFFER = 256  # chunks from small files gathered per embedding call
+# How vectors are computed: auto (ONNX Runtime float32 where installed, else torch), float32, int8
+# (ONNX Runtime, int8 weights: faster, vectors a little off) or torch (sentence-transformers)
+EMBED_FORMAT = "auto"
 
 
 def default_model() -> str:
@@ -46,3 +49,8 @@ def default_store() -> str:
 def embed_buffer() -> int:
     """Chunks from small files per embedding call: MEMSTORE_EMBED_BUFFER, else EMBED_BUFFER."""
     return int(os.environ.get("MEMSTORE_EMBED_BUFFER") or EMBED_BUFFER)
+
+
+def embed_format() -> str:
+    """How vectors are computed: MEMSTORE_EMBED_FORMAT, else EMBED_FORMAT."""
+    return os.environ.get("MEMSTORE_EMBED_FORMAT") or EMBED_FORMAT
