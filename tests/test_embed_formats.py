@@ -41,6 +41,7 @@ def test_int8_is_close_to_torch_and_independent_of_its_batch(torch_vectors):
     assert cosine.min() > 0.95, cosine
     alone = np.stack([int8.encode([t])[0] for t in TEXTS])
     np.testing.assert_array_equal(batched, alone)  # a query gets the vector its text was stored with
+    np.testing.assert_array_equal(int8.encode(TEXTS[:3]), batched[:3])  # a few texts: the query path
     # and it ranks like torch: each text's nearest neighbour among the torch vectors is itself
     assert (np.argmax(batched @ torch_vectors.T, axis=1) == np.arange(len(TEXTS))).all()
 

@@ -1,13 +1,14 @@
 """API keys and writes over HTTP: the real app (FastAPI's test client), a real store."""
 import subprocess
 import sys
+import time
 
 import pytest
 from fastapi.testclient import TestClient
 
 import memstore
 from memstore.errors import InvalidInputError
-from memstore.keys import load_api_keys
+from memstore.keys import VIEW_LINK_S, ViewLinks, load_api_keys
 from memstore.server import create_app
 
 READ_KEY, WRITE_KEY = "r" * 8 + "-read-key-0001", "w" * 8 + "-write-key-0002"
@@ -51,6 +52,28 @@ def test_keys_guard_reads_and_writes(client):
     assert client.delete(f"/documents/{added.json()['id']}", headers=auth(WRITE_KEY)).status_code == 404
     hits = client.get("/search", params={"q": "Tobias Brennecke", "k": 5}, headers=auth(READ_KEY)).json()["hits"]
     assert all(h["source"] != "staff.md" for h in hits)
+
+
+def test_a_source_link_opens_in_a_tab_without_a_key_but_only_as_signed(client, keyfile):
+    """A browser tab sends no Authorization header: the links the server hands out are signed
+    for their document and span, and expire; anything else under /view still needs a key."""
+    hit = client.get("/search", params={"q": "Zorbaville", "k": 1}, headers=auth(READ_KEY)).json()["hits"][0]
+    url = hit["url"].split("#")[0]
+    page = client.get(url)
+    assert page.status_code == 200 and "<mark" in page.text and "Zorbaville" in page.text
+    doc, start, end = hit["document_id"], hit["char_start"], hit["char_end"]
+    assert client.get(f"/view/{doc}?start={start}&end={end}").status_code == 401  # unsigned
+    assert client.get(url.replace(f"start={start}", f"start={start + 1}")).status_code == 401  # another span
+    assert client.get(url.replace(f"/view/{doc}?", f"/view/{doc + 1}?")).status_code == 401  # another document
+    assert client.get(url[:-1] + ("0" if url[-1] != "0" else "1")).status_code == 401  # a changed signature
+    assert client.get(url.replace("/view/", "/documents/").split("?")[0]).status_code == 401  # not a view
+    links = ViewLinks(load_api_keys(keyfile))
+    expired = links.sign(doc, start, end, now=time.time() - VIEW_LINK_S - 5)
+    assert client.get(f"/view/{doc}?start={start}&end={end}&{expired}").status_code == 401
+    other_keys = keyfile.with_name("other")
+    other_keys.write_text("read " + "x" * 20 + "\n")
+    foreign = ViewLinks(load_api_keys(other_keys)).sign(doc, start, end)  # signed by a server with other keys
+    assert client.get(f"/view/{doc}?start={start}&end={end}&{foreign}").status_code == 401
 
 
 def test_a_bad_key_file_says_which_line_and_never_shows_a_key(tmp_path):
