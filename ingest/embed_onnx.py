@@ -36,8 +36,8 @@ import numpy as np
 from memstore.errors import BackendMissingError
 from memstore.paths import models_dir
 
-EXPORT_VERSION = 1
-INT8_MARGIN = 1.2  # int8 is taken only where it is at least this much faster than float32  # bump when the exported graph changes: old files are then ignored
+EXPORT_VERSION = 1  # bump when the exported graph changes: old files are then ignored
+INT8_MARGIN = 1.2  # int8 is taken only where it is at least this much faster than float32
 FLOAT32_BATCH = 8  # texts per run: larger batches spill out of cache (bench/results/embed_formats.json)
 
 
