@@ -138,11 +138,9 @@ class OnnxEncoder:
         from transformers import AutoTokenizer
 
         self.layout = read_layout(folder)
-        self.format = fmt
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.layout.transformer), local_files_only=True)
         self.path = model_file(self.layout, fmt)
         self.session = self._session()
-        self.threads = threads
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="embed") if threads > 1 else None
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.dim = int(self.session.get_outputs()[0].shape[-1])

@@ -27,7 +27,7 @@ from memstore.ingest.pipeline import (
 from memstore.store import ChunkIn, DocumentIn
 
 EMBED_BATCH = 64  # chunks per actor call: with the int8 embedder 256 held the first commit back twice as long, at the same chunks/s (scale.json and its previous run)
-ACTOR_CPUS = 0.8  # per CPU an embedding actor holds: it runs a torch thread there; the rest goes to reading
+ACTOR_CPUS = 0.8  # per CPU an embedding actor holds: it runs an embedding thread there; the rest goes to reading
 READ_CPUS = 0.2
 MAX_BLOCKS = 2000
 CHUNK_FIELDS = ("ordinal", "char_start", "char_end", "text", "token_count", "heading_path")
@@ -128,7 +128,7 @@ def _problem_row(work: FileWork, problem: str, reason: str) -> dict:
 
 
 class EmbedChunks:
-    """A Ray actor: embeds batches of chunk rows with `threads` torch threads."""
+    """A Ray actor: embeds batches of chunk rows on `threads` threads."""
 
     def __init__(self, embedder: str, threads: int):
         self.embedder = Embedder(embedder, threads=threads)

@@ -31,8 +31,8 @@ KV_BUDGET_GIB = 4.0  # the KV memory's size, until `ingest --kv --kv-budget` set
 MODEL = "qwen2.5-0.5b"
 STORE = ".memstore"  # the CLI's store when neither --store nor MEMSTORE_STORE names one
 EMBED_BUFFER = 256  # chunks from small files gathered per embedding call
-# How vectors are computed: auto (ONNX Runtime float32 where installed, else torch), float32, int8
-# (ONNX Runtime, int8 weights: faster, vectors a little off) or torch (sentence-transformers)
+# How vectors are computed: auto (ONNX Runtime, int8 where this CPU runs it faster than float32,
+# else float32; torch where onnxruntime is missing), float32, int8 or torch (sentence-transformers)
 EMBED_FORMAT = "auto"
 
 
