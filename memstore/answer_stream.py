@@ -1,5 +1,6 @@
-"""Answers take turns at the model: a bounded queue, first come first served. Each answer runs in
-a thread of its own and comes out as a stream of events, what the HTTP API's /ask/stream and the
+"""Answers go to the model through a bounded queue, first come first served: up to `concurrent`
+answers are generated at once (their decoding steps run as one batch: model.batching), the rest
+wait their turn. Each answer runs in a thread of its own and comes out as a stream of events, what the HTTP API's /ask/stream and the
 OpenAI-compatible stream both send in their own formats; /ask waits for the last event. A client
 that goes away stops its answer at the next token, and every answer has a time limit."""
 from __future__ import annotations
@@ -14,13 +15,14 @@ from collections.abc import AsyncIterator, Iterator
 
 import anyio
 
-from memstore.errors import AnswerTimeoutError, BusyError, MemstoreError
+from memstore.errors import AnswerTimeoutError, BusyError, InvalidInputError, MemstoreError
+from memstore.settings import CONCURRENT_ANSWERS
 
 log = logging.getLogger("memstore.server")
 
 # reported with its own message (and its own HTTP status); anything else is an internal error
 USER_ERRORS = (MemstoreError,)
-WAITING = 4  # answers that may wait while one is generated; more get a 503
+WAITING = 4  # answers that may wait while others are generated; more get a 503
 TIME_LIMIT_S = 300  # an answer still generating after this long is stopped
 
 
@@ -29,13 +31,12 @@ class Cancelled(BaseException):
 
 
 class AnswerQueue:
-    """First come first served at the model; at most `waiting` behind the one being answered.
+    """First come first served at the model: `concurrent` answers at once, at most `waiting` behind them."""
 
-    model_lock is held while an answer generates; the KV warmer takes it only while nobody waits."""
-
-    def __init__(self, waiting: int = WAITING, time_limit_s: float = TIME_LIMIT_S):
-        self.waiting, self.time_limit_s = waiting, time_limit_s
-        self.model_lock = threading.Lock()
+    def __init__(self, waiting: int = WAITING, time_limit_s: float = TIME_LIMIT_S, concurrent: int = CONCURRENT_ANSWERS):
+        if concurrent < 1:
+            raise InvalidInputError(f"concurrent answers must be at least 1, not {concurrent}")
+        self.waiting, self.time_limit_s, self.concurrent = waiting, time_limit_s, concurrent
         self.finished: deque = deque(maxlen=32)  # the latest answers: {"outcome", "tokens"}
         self._line: deque = deque()  # tickets; the first one's answer has the model
         self._changed = threading.Condition()
@@ -47,26 +48,25 @@ class AnswerQueue:
         """A place in the line (its ticket), or BusyError when the line is full."""
         ticket = object()
         with self._changed:
-            if len(self._line) > self.waiting:
+            if len(self._line) >= self.waiting + self.concurrent:
                 raise BusyError(f"{len(self._line)} answers are ahead; try again in a few seconds")
             self._line.append(ticket)
         return ticket
 
     @contextlib.contextmanager
     def turn(self, ticket: object, on_place=None, cancelled: threading.Event | None = None):
-        """Wait for the ticket's turn (on_place(n): n answers ahead, when that changes), then hold the model."""
+        """Wait for the ticket's turn (on_place(n): n answers ahead, when that changes): until fewer than
+        `concurrent` answers ahead of it are still in the line."""
         try:
             with self._changed:
                 told = None
-                while self._line[0] is not ticket:
-                    ahead = self._line.index(ticket)
+                while (ahead := self._line.index(ticket)) >= self.concurrent:
                     if on_place and ahead != told:
                         on_place(told := ahead)
                     if cancelled is not None and cancelled.is_set():
                         raise Cancelled
                     self._changed.wait(0.5)
-            with self.model_lock:
-                yield
+            yield
         finally:
             with self._changed:
                 self._line.remove(ticket)

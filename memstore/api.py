@@ -81,6 +81,7 @@ class Memory:
         # held for a search or a write, never for a whole answer
         self.lock = threading.RLock()
         self._answerers: OrderedDict = OrderedDict()  # model name -> Answerer, least recently used first
+        self._models_lock = threading.Lock()  # answers in several threads: a model is loaded once
         self.kept_model: str | None = None  # never evicted: the model load_model loaded
 
     @property
@@ -322,16 +323,19 @@ class Memory:
         from memstore.model.answer import Answerer
         from memstore.model.backbone import load_backbone
 
-        if model in self._answerers:
-            self._answerers.move_to_end(model)
-        else:
-            evictable = [name for name in self._answerers if name != self.kept_model]
-            while evictable and len(self._answerers) >= LOADED_MODELS:  # the least recently used goes
-                del self._answerers[evictable.pop(0)]
-            self._answerers[model] = Answerer(load_backbone(model), self.store.kv_dir)
-        budget = budget_gib if budget_gib is not None else self.store.get_setting("kv_budget_gib", KV_BUDGET_GIB)
-        self._answerers[model].kv_budget_bytes = int(budget * 2**30)
-        return self._answerers[model]
+        with self.lock:
+            budget = budget_gib if budget_gib is not None else self.store.get_setting("kv_budget_gib", KV_BUDGET_GIB)
+        with self._models_lock:
+            if model in self._answerers:
+                self._answerers.move_to_end(model)
+            else:
+                evictable = [name for name in self._answerers if name != self.kept_model]
+                while evictable and len(self._answerers) >= LOADED_MODELS:  # the least recently used goes
+                    del self._answerers[evictable.pop(0)]
+                self._answerers[model] = Answerer(load_backbone(model), self.store.kv_dir)
+            answerer = self._answerers[model]
+        answerer.kv_budget_bytes = int(budget * 2**30)
+        return answerer
 
     @_locked
     def delete(self, source_or_id: str | int) -> bool:

@@ -17,6 +17,7 @@ from memstore.settings import (
     ANSWER_TOKENS,
     CHUNK_OVERLAP,
     CHUNK_TOKENS,
+    CONCURRENT_ANSWERS,
     STORE,
     TOP_K,
     default_model,
@@ -316,6 +317,15 @@ host_option = click.option("--host", default="127.0.0.1", show_default=True,
 port_option = click.option("--port", default=8000, show_default=True, help="TCP port.")
 model_option = click.option("--model", default=None,
                             help="Default model preset for answers (default: qwen2.5-0.5b, or $MEMSTORE_MODEL); loaded before serving.")
+concurrent_option = click.option("--concurrent", default=CONCURRENT_ANSWERS, show_default=True, type=click.IntRange(1, 16),
+                                 help="Answers generated at once, their decoding steps run as one batch (1: one at a "
+                                      "time); more wait in line, up to 4, and beyond that get a 503.")
+
+
+def answer_queue(concurrent: int):
+    from memstore.answer_stream import AnswerQueue
+
+    return AnswerQueue(concurrent=concurrent)
 
 
 @main.command()
@@ -324,12 +334,13 @@ model_option = click.option("--model", default=None,
 @host_option
 @port_option
 @model_option
+@concurrent_option
 @click.option("--api-key-file", type=click.Path(dir_okay=False), envvar="MEMSTORE_API_KEY_FILE",
               help="Lines `read KEY` or `write KEY`: requests then need Authorization: Bearer KEY, and adding "
                    "or deleting documents a write key. Without keys only a loopback --host is served. "
                    "[env: MEMSTORE_API_KEY_FILE]")
 @friendly_errors
-def serve(store, data_dir, host, port, model, api_key_file):
+def serve(store, data_dir, host, port, model, concurrent, api_key_file):
     """Serve the HTTP API and the question page over a store.
 
     POST /ask (and /ask/stream), GET /search, /stats, /documents/{id}, POST /documents,
@@ -339,7 +350,7 @@ def serve(store, data_dir, host, port, model, api_key_file):
 
     keys = load_api_keys(api_key_file) if api_key_file else None
     with open_memory(store, data_dir) as mem:
-        run_server(mem, host, port, model, api_keys=keys)
+        run_server(mem, host, port, model, api_keys=keys, answers=answer_queue(concurrent))
 
 
 @main.command()
@@ -372,8 +383,9 @@ def mcp(store, data_dir, model):
 @host_option
 @port_option
 @model_option
+@concurrent_option
 @friendly_errors
-def demo(store, corpus, no_fetch, build_only, host, port, model):
+def demo(store, corpus, no_fetch, build_only, host, port, model, concurrent):
     """Question answering over the SQLite manual, in your browser.
 
     Fetches Debian's sqlite3-doc once (public domain; falls back to the pages bundled with
@@ -396,7 +408,8 @@ def demo(store, corpus, no_fetch, build_only, host, port, model):
     check_port_free(host, port)
     title = "memstore · ask the SQLite manual" if found.name.startswith("sqlite") else f"memstore · {found.name}"
     examples = demomod.EXAMPLE_QUESTIONS if found.name.startswith("sqlite") else []
-    serve_while_building(store, found.files, host, port, model, title=title, examples=examples)
+    serve_while_building(store, found.files, host, port, model, title=title, examples=examples,
+                         answers=answer_queue(concurrent))
 
 
 def serve_while_building(store: str, files: list, host: str, port: int, model: str | None, **app_options) -> None:

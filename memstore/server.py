@@ -136,25 +136,20 @@ class KVWarmer:
             if self._stop.is_set():
                 return
         try:
-            with self.answers.model_lock:
-                todo = self.memory.kv_warmup_order(self.model, self.questions)
-                self.chunks = self.memory.stats()["chunks"]
-                self.warm = self.chunks - len(todo)
+            todo = self.memory.kv_warmup_order(self.model, self.questions)
+            self.chunks = self.memory.stats()["chunks"]
+            self.warm = self.chunks - len(todo)
             self.state = "warming"
-            model = self.answers.model_lock
             for start in range(0, len(todo), self.batch):
-                while self.answers.busy() or not model.acquire(timeout=0.2):  # answers first
-                    if self._stop.is_set():
+                while self.answers.busy():  # answers first
+                    if self._stop.wait(0.2):
                         return
-                    time.sleep(0.05)
-                try:
-                    if self._stop.is_set():
-                        return
-                    batch = todo[start:start + self.batch]
-                    self.memory.encode_kv(batch, self.model)  # an answer may have encoded some meanwhile
-                    self.warm += len(batch)
-                finally:
-                    model.release()
+                if self._stop.is_set():
+                    return
+                batch = todo[start:start + self.batch]
+                # the model runs one pass at a time: an answer that comes now waits for this batch only
+                self.memory.encode_kv(batch, self.model)  # an answer may have encoded some meanwhile
+                self.warm += len(batch)
             self.state = "done"
         except MemstoreError as e:  # the KV budget is full, or a chunk went away meanwhile
             self.state = f"stopped: {e}"

@@ -11,6 +11,7 @@ full:     the whole document text in the prompt, only where it fits.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from memstore.errors import DoesNotFitError
+from memstore.model.batching import DecodeStep, StepBatcher
 from memstore.model.memory import SlotCache, SlotLayout, cache_arg, crop_to, encode_chunks, last_logits, prefill
 from memstore.settings import ANSWER_TOKENS
 from memstore.store import Hit
@@ -101,19 +103,29 @@ class Decoder:
         self.focus = focus
         self.eos = eos_ids(tokenizer, model)
         self._prefix_cache: dict[tuple, object] = {}
+        # answers may run in several threads: one forward pass at a time, their decoding steps batched
+        self.lock = threading.RLock()
+        self.batcher = StepBatcher(model, self.lock)
 
     # ---- shared pieces ---------------------------------------------------------------------
 
     def prefix(self, prefix_ids: list[int]):
         key = tuple(prefix_ids)
-        if key not in self._prefix_cache:
-            self._prefix_cache[key] = prefill(self.model, prefix_ids)
+        with self.lock:
+            if key not in self._prefix_cache:
+                self._prefix_cache[key] = prefill(self.model, prefix_ids)
         return self._prefix_cache[key]
 
     def encode(self, texts: list[str], prefix_ids: list[int]) -> list[np.ndarray]:
         """Memory for chunk texts (un-rotated keys and values), computed after the prefix."""
         ids = [chunk_token_ids(self.tokenizer, t, self.slot_len) for t in texts]
-        return encode_chunks(self.model, self.prefix(prefix_ids), ids)
+        with self.lock:
+            return encode_chunks(self.model, self.prefix(prefix_ids), ids)
+
+    def _slot_step(self, slots: SlotCache, token: int) -> torch.Tensor:
+        """The logits after one generated token, batched with the other answers' steps."""
+        position, bias = slots.next_position()
+        return self.batcher.step(DecodeStep(slots.cache, token, position, bias, solo=lambda: slots.forward([token])[0]))
 
     def _greedy(self, step: Callable, logits: torch.Tensor, max_new_tokens: int, on_token, started: float,
                 timings: dict, on_end: Callable | None = None) -> list[int]:
@@ -169,22 +181,25 @@ class Decoder:
         timings["retrieval_s"] = time.perf_counter() - t
         t = time.perf_counter()
         n_follow = follow_slots if retrieve_every else 0
-        slots = self._memory_slots(question, parts, chunks, kv_for, n_follow, timings)
-        timings["memory_load_s"] = time.perf_counter() - t
-        logits, _ = slots.forward(parts.suffix)
+        with self.lock:
+            slots = self._memory_slots(question, parts, chunks, kv_for, n_follow, timings)
+            timings["memory_load_s"] = time.perf_counter() - t
+            logits, _ = slots.forward(parts.suffix)
         follows = Follows(self, slots, parts, [None] * n_follow + list(chunks), kv_for,
                           AnswerReader(question, follow or retrieve, n_follow), timings)
 
         def step(ids: list[int], generated: list[int]) -> torch.Tensor:
             logits = follows.refill(generated) if n_follow and len(generated) % retrieve_every == 0 else None
-            return slots.forward(ids)[0] if logits is None else logits
+            return self._slot_step(slots, ids[0]) if logits is None else logits
 
         # at the end of the answer its last word is complete too: what it names may be read before it stops
-        generated = self._greedy(step, logits, max_new_tokens, on_token, started, timings,
-                                 on_end=(lambda gen: follows.refill(gen, finished=True)) if n_follow else None)
+        with self.batcher.member():
+            generated = self._greedy(step, logits, max_new_tokens, on_token, started, timings,
+                                     on_end=(lambda gen: follows.refill(gen, finished=True)) if n_follow else None)
         timings["generate_s"] = time.perf_counter() - started
         kept = [(i, c) for i, c in enumerate(follows.held) if c is not None]
-        attention = self._slot_attention(slots, parts.suffix, generated)
+        with self.lock:
+            attention = self._slot_attention(slots, parts.suffix, generated)
         return self._result(generated, [c for _, c in kept], [attention[i] for i, _ in kept], timings, started,
                             follows.reader.follows)
 
@@ -239,17 +254,23 @@ class Decoder:
 
         cache = DynamicCache()
 
-        def step(new_ids, generated=None):
+        def run(new_ids):
             return last_logits(self.model, input_ids=torch.tensor([new_ids]), **cache_arg(self.model, cache),
                                use_cache=True)[0]
 
-        logits = step(ids)
-        generated = self._greedy(step, logits, max_new_tokens, on_token, started, timings)
+        def step(new_ids, generated):
+            n = cache.get_seq_length()
+            return self.batcher.step(DecodeStep(cache, new_ids[0], n, torch.zeros(n), solo=lambda: run(new_ids)))
+
+        with self.lock:
+            logits = run(ids)
+        with self.batcher.member():
+            generated = self._greedy(step, logits, max_new_tokens, on_token, started, timings)
         timings["generate_s"] = time.perf_counter() - started
         attention = [0.0] * len(passages)
         if generated and passages:
             crop_to(cache, n_context)
-            with eager_attention(self.model):
+            with self.lock, eager_attention(self.model):
                 out = self.model.model(input_ids=torch.tensor([parts.suffix + generated]),
                                        **cache_arg(self.model, cache), use_cache=True, output_attentions=True)
             attention = _span_mass(out.attentions, spans, n_answer=len(generated))
@@ -352,14 +373,15 @@ class Follows:
         if turn is None:
             return None
         slots = self.slots
-        if turn.chunk is not None:
-            [kv] = self.kv_for([turn.chunk], self.parts.prefix)
-            slots.fill(turn.slot, kv)
-            self.held[turn.slot] = turn.chunk
-        if not self._steer(turn) and turn.chunk is None:
-            return None
-        slots.drop_local()
-        return slots.forward(self.parts.suffix + generated)[0]
+        with self.decoder.lock:
+            if turn.chunk is not None:
+                [kv] = self.kv_for([turn.chunk], self.parts.prefix)
+                slots.fill(turn.slot, kv)
+                self.held[turn.slot] = turn.chunk
+            if not self._steer(turn) and turn.chunk is None:
+                return None
+            slots.drop_local()
+            return slots.forward(self.parts.suffix + generated)[0]
 
     def _steer(self, turn: Turn) -> bool:
         """Set the slots' biases for where the answer turned; whether any changed.

@@ -297,6 +297,14 @@ class SlotCache:
                            position_ids=positions.view(1, -1), attention_mask=self._attention_mask(n, offset),
                            use_cache=True, output_attentions=output_attentions)
 
+    def next_position(self) -> tuple[int, torch.Tensor]:
+        """(RoPE position, attention bias over the cache's entries) of the next local token: what a
+        batched decoding step (model.batching) needs to run it as `forward` would."""
+        self._ready()
+        offset = self.cache.get_seq_length() - self.memory_len
+        bias = self._memory_bias()
+        return self.layout.memory_end + offset, torch.cat([bias, bias.new_zeros(offset)])
+
     def _attention_mask(self, n: int, offset: int) -> torch.Tensor:
         """(1, 1, n, memory_len + offset + n) additive mask for n new local tokens after `offset` older
         ones: the slot biases on the memory, causal over local tokens."""

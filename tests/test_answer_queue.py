@@ -1,5 +1,6 @@
 """Answers take turns at the model through a bounded queue; reads never wait for them. A real
 server (uvicorn, in a thread) over a real store and SmolLM2, driven over real connections."""
+import contextlib
 import http.client
 import json
 import socket
@@ -20,14 +21,18 @@ LONG = {"question": "Count from one to two hundred in words, separated by commas
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """(host:port, the server's answer queue): one answer may wait behind the one being generated."""
+def mem(tmp_path_factory):
     mem = memstore.open(tmp_path_factory.mktemp("q") / "store")
     mem.add_text("The capital of Freedonia is Zorbaville, on the river Quell. Numbers: one, two, three.",
                  source="freedonia.md")
     mem.load_model("smollm2-135m")
-    answers = AnswerQueue(waiting=1)
-    app = create_app(mem, default_model="smollm2-135m", answers=answers)
+    yield mem
+    mem.close()
+
+
+@contextlib.contextmanager
+def running(app):
+    """The app served by uvicorn in a thread: its host:port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -36,10 +41,17 @@ def served(tmp_path_factory):
     thread.start()
     while not server.started:
         time.sleep(0.1)
-    yield f"127.0.0.1:{port}", answers
+    yield f"127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=30)
-    mem.close()
+
+
+@pytest.fixture(scope="module")
+def served(mem):
+    """(host:port, the server's answer queue): one answer at a time, one more may wait."""
+    answers = AnswerQueue(waiting=1, concurrent=1)
+    with running(create_app(mem, default_model="smollm2-135m", answers=answers)) as address:
+        yield address, answers
 
 
 def stream(address, body):
@@ -112,3 +124,23 @@ def test_an_answer_past_its_time_limit_is_stopped_with_504(tmp_path):
         with TestClient(create_app(mem, default_model="smollm2-135m", answers=AnswerQueue(time_limit_s=0))) as client:
             stopped = client.post("/ask", json={"question": "What is the capital of Freedonia?", "mode": "rag"})
     assert stopped.status_code == 504 and "was stopped" in stopped.json()["error"]
+
+
+def test_answers_are_generated_together_up_to_the_concurrency(mem):
+    """With two answers allowed at once, a short answer asked while a long one is generated is not
+    queued: it finishes while the long one still goes on, their steps sharing batches."""
+    answers = AnswerQueue(waiting=0, concurrent=2)
+    batcher = mem._answerer("smollm2-135m").decoder.batcher
+    shared_before = sum(n for size, n in batcher.batch_sizes.items() if size > 1)
+    with running(create_app(mem, default_model="smollm2-135m", answers=answers)) as address:
+        long_conn, long_response = stream(address, LONG)
+        long_events = events(long_response)
+        assert next(e for e in long_events if e["type"] == "token")
+        short_conn, short_response = stream(address, {**LONG, "max_new_tokens": 8})
+        kinds = [e["type"] for e in events(short_response)]
+        assert "queued" not in kinds and kinds[-1] == "answer"
+        assert next(e for e in long_events if e["type"] == "token")  # the long answer goes on after it
+        long_conn.close()
+        short_conn.close()
+        wait_idle(answers, 2)
+    assert sum(n for size, n in batcher.batch_sizes.items() if size > 1) > shared_before
