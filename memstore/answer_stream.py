@@ -16,13 +16,12 @@ from collections.abc import AsyncIterator, Iterator
 import anyio
 
 from memstore.errors import AnswerTimeoutError, BusyError, InvalidInputError, MemstoreError
-from memstore.settings import CONCURRENT_ANSWERS
+from memstore.settings import CONCURRENT_ANSWERS, WAITING
 
 log = logging.getLogger("memstore.server")
 
 # reported with its own message (and its own HTTP status); anything else is an internal error
 USER_ERRORS = (MemstoreError,)
-WAITING = 4  # answers that may wait while others are generated; more get a 503
 TIME_LIMIT_S = 300  # an answer still generating after this long is stopped
 
 

@@ -20,6 +20,7 @@ from memstore.settings import (
     CONCURRENT_ANSWERS,
     STORE,
     TOP_K,
+    WAITING,
     default_model,
     default_store,
 )
@@ -318,14 +319,15 @@ port_option = click.option("--port", default=8000, show_default=True, help="TCP 
 model_option = click.option("--model", default=None,
                             help="Default model preset for answers (default: qwen2.5-0.5b, or $MEMSTORE_MODEL); loaded before serving.")
 concurrent_option = click.option("--concurrent", default=CONCURRENT_ANSWERS, show_default=True, type=click.IntRange(1, 16),
-                                 help="Answers generated at once, their decoding steps run as one batch (1: one at a "
-                                      "time); more wait in line, up to 4, and beyond that get a 503.")
+                                 help="Answers generated at once, their decoding steps run as one batch (1: one at a time).")
+queue_option = click.option("--queue", default=WAITING, show_default=True, type=click.IntRange(0, 1000),
+                            help="Answers that may wait for a turn; beyond that a question gets 503 with Retry-After.")
 
 
-def answer_queue(concurrent: int):
+def answer_queue(concurrent: int, waiting: int):
     from memstore.answer_stream import AnswerQueue
 
-    return AnswerQueue(concurrent=concurrent)
+    return AnswerQueue(waiting=waiting, concurrent=concurrent)
 
 
 @main.command()
@@ -335,12 +337,13 @@ def answer_queue(concurrent: int):
 @port_option
 @model_option
 @concurrent_option
+@queue_option
 @click.option("--api-key-file", type=click.Path(dir_okay=False), envvar="MEMSTORE_API_KEY_FILE",
               help="Lines `read KEY` or `write KEY`: requests then need Authorization: Bearer KEY, and adding "
                    "or deleting documents a write key. Without keys only a loopback --host is served. "
                    "[env: MEMSTORE_API_KEY_FILE]")
 @friendly_errors
-def serve(store, data_dir, host, port, model, concurrent, api_key_file):
+def serve(store, data_dir, host, port, model, concurrent, queue, api_key_file):
     """Serve the HTTP API and the question page over a store.
 
     POST /ask (and /ask/stream), GET /search, /stats, /documents/{id}, POST /documents,
@@ -350,7 +353,7 @@ def serve(store, data_dir, host, port, model, concurrent, api_key_file):
 
     keys = load_api_keys(api_key_file) if api_key_file else None
     with open_memory(store, data_dir) as mem:
-        run_server(mem, host, port, model, api_keys=keys, answers=answer_queue(concurrent))
+        run_server(mem, host, port, model, api_keys=keys, answers=answer_queue(concurrent, queue))
 
 
 @main.command()
@@ -384,8 +387,9 @@ def mcp(store, data_dir, model):
 @port_option
 @model_option
 @concurrent_option
+@queue_option
 @friendly_errors
-def demo(store, corpus, no_fetch, build_only, host, port, model, concurrent):
+def demo(store, corpus, no_fetch, build_only, host, port, model, concurrent, queue):
     """Question answering over the SQLite manual, in your browser.
 
     Fetches Debian's sqlite3-doc once (public domain; falls back to the pages bundled with
@@ -409,7 +413,7 @@ def demo(store, corpus, no_fetch, build_only, host, port, model, concurrent):
     title = "memstore · ask the SQLite manual" if found.name.startswith("sqlite") else f"memstore · {found.name}"
     examples = demomod.EXAMPLE_QUESTIONS if found.name.startswith("sqlite") else []
     serve_while_building(store, found.files, host, port, model, title=title, examples=examples,
-                         answers=answer_queue(concurrent))
+                         answers=answer_queue(concurrent, queue))
 
 
 def serve_while_building(store: str, files: list, host: str, port: int, model: str | None, **app_options) -> None:

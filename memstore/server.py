@@ -16,7 +16,6 @@ import logging
 import shutil
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal

@@ -26,6 +26,7 @@ WEIGHTED_FUSION_DENSE_WEIGHT = 0.2
 # Answers a server generates at once, their decoding steps in one batch (model.batching): a step for
 # 4 answers costs little more than for one on a CPU (bench/results/serve_batch.json)
 CONCURRENT_ANSWERS = 4
+WAITING = 4  # answers that may wait for a turn at the model; more get a 503
 LOADED_MODELS = 2  # answer models a Memory keeps loaded at once: the one it was started with and one more
 KV_BUDGET_GIB = 4.0  # the KV memory's size, until `ingest --kv --kv-budget` sets a store's own
 
