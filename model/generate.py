@@ -222,12 +222,18 @@ class Decoder:
         return slots
 
     def _slot_attention(self, slots: SlotCache, suffix: list[int], generated: list[int]) -> list[float]:
-        """Attention mass the answer tokens put on each slot (mean over layers and heads)."""
+        """Attention mass the answer tokens put on each slot (mean over layers and heads).
+
+        The queries that wrote the answer (the question's last token's and every answer token's but
+        the last) are run once more, with attention weights, over the cache as decoding left it."""
         if not generated:
             return [0.0] * slots.layout.n_slots
-        slots.drop_local()
+        again = suffix[-1:] + generated
+        if not slots.keep_local(len(suffix) - 1):
+            slots.drop_local()
+            again = suffix + generated
         with eager_attention(self.model):
-            _, out = slots.forward(suffix + generated, output_attentions=True)
+            _, out = slots.forward(again, output_attentions=True)
         return _span_mass(out.attentions, slots.slot_spans(), n_answer=len(generated))
 
     # ---- prompt modes (rag, truncate, full) ---------------------------------------------------
@@ -246,7 +252,6 @@ class Decoder:
             piece = chunk_token_ids(self.tokenizer, passage, passage_tokens or self.slot_len)
             spans.append((len(ids), len(ids) + len(piece)))
             ids += piece
-        n_context = len(ids)
         ids += parts.suffix
         if len(ids) + max_new_tokens > self.max_positions:
             raise DoesNotFitError(f"prompt of {len(ids)} tokens does not fit the model's {self.max_positions}-token window")
@@ -269,9 +274,9 @@ class Decoder:
         timings["generate_s"] = time.perf_counter() - started
         attention = [0.0] * len(passages)
         if generated and passages:
-            crop_to(cache, n_context)
+            crop_to(cache, len(ids) - 1)  # the answer's queries again (as in _slot_attention), with weights
             with self.lock, eager_attention(self.model):
-                out = self.model.model(input_ids=torch.tensor([parts.suffix + generated]),
+                out = self.model.model(input_ids=torch.tensor([ids[-1:] + generated]),
                                        **cache_arg(self.model, cache), use_cache=True, output_attentions=True)
             attention = _span_mass(out.attentions, spans, n_answer=len(generated))
         return self._result(generated, [], attention, timings, started, 0)

@@ -281,6 +281,14 @@ class SlotCache:
         """Add `bias` to every attention logit onto slot i (its attention weight times e^bias)."""
         self.slot_bias[i] = bias
 
+    def keep_local(self, n: int) -> bool:
+        """Forget the local tokens after the first n; False (nothing done) where the slots changed since
+        the local tokens were run, so that those are stale."""
+        if self._dirty:
+            return False
+        crop_to(self.cache, self.memory_len + n)
+        return True
+
     def drop_local(self) -> None:
         """Forget everything after the slots (question and generated tokens)."""
         if not self._dirty:
