@@ -24,6 +24,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from memstore.answer_stream import AnswerJob, AnswerQueue
+from memstore.http_schema import ANSWERS, EVERY_REQUEST, Filters, responses
 from memstore.settings import ANSWER_MODES, TOP_K
 
 MAX_MESSAGE_CHARS = 2000
@@ -46,7 +47,7 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1, le=256)
     n: int = Field(1, ge=1, le=1, description="one answer per request")
     k: int = Field(TOP_K, ge=1, le=16, description="memstore: chunks retrieved")
-    filters: dict[str, str | int] | None = Field(None, description="memstore: path (glob), document_id or meta.KEY")
+    filters: Filters | None = None  # memstore's
 
 
 def question_of(messages: list[Message]) -> str:
@@ -77,13 +78,15 @@ def add_openai_routes(app: FastAPI, memory, answers: AnswerQueue, models: list[s
             raise HTTPException(404, f"unknown model {model_id!r}; GET /v1/models lists them")
         return name, mode
 
-    @app.get("/v1/models", summary="Models, OpenAI style: each preset in memory mode, and ':rag'")
+    @app.get("/v1/models", summary="Models, OpenAI style: each preset in memory mode, and ':rag'",
+             responses=responses(*EVERY_REQUEST, openai=True))
     def list_models() -> dict:
         ids = [m for name in models for m in (name, f"{name}:rag")]
         return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "memstore"}
                                            for i in ids]}
 
-    @app.post("/v1/chat/completions", summary="Answer the last user message from the store, OpenAI style")
+    @app.post("/v1/chat/completions", summary="Answer the last user message from the store, OpenAI style",
+              responses=responses(*EVERY_REQUEST, *ANSWERS, openai=True, streamed="text/event-stream"))
     def chat(req: ChatRequest):
         name, mode = model_and_mode(req.model)
         question = question_of(req.messages)

@@ -31,6 +31,7 @@ from memstore import settings
 from memstore.answer_stream import AnswerJob, AnswerQueue
 from memstore.api import Memory
 from memstore.errors import MemstoreError
+from memstore.http_schema import ANSWERS, EVERY_REQUEST, DocumentId, Filters, responses
 from memstore.keys import ApiKeys, ViewLinks
 from memstore.openai_api import add_openai_routes
 from memstore.settings import ANSWER_MODES, ANSWER_TOKENS, SEARCH_MODES, TOP_K
@@ -64,7 +65,7 @@ class AskRequest(BaseModel):
     k: int = Field(TOP_K, ge=1, le=16, description="Chunks retrieved (memory slots or pasted chunks).")
     model: str | None = Field(None, max_length=100, description="A model preset; default: the server's model.")
     max_new_tokens: int = Field(ANSWER_TOKENS, ge=1, le=256)
-    filters: dict[str, str | int] | None = Field(None, description="path (glob), document_id or meta.KEY.")
+    filters: Filters | None = None
 
 
 class Readiness:
@@ -181,7 +182,7 @@ class Service:
     def check_model(self, name: str | None) -> str:
         name = name or self.default_model
         if name not in self.allowed:
-            raise HTTPException(400, f"unknown model {name!r}; this server offers {', '.join(self.allowed)}")
+            raise HTTPException(404, f"unknown model {name!r}; this server offers {', '.join(self.allowed)}")
         self.check_local(name)
         return name
 
@@ -231,6 +232,7 @@ def create_app(memory: Memory, *, default_model: str | None = None, models: list
             service.warmer.stop()
 
     app = FastAPI(title=f"{title} API", description="Search and question answering over a memstore store.",
+                  responses=responses(*EVERY_REQUEST),
                   lifespan=lifespan)
     install_error_handlers(app)
     if api_keys:
@@ -249,12 +251,13 @@ def add_answer_routes(app: FastAPI, service: Service) -> None:
     """POST /ask and /ask/stream: answers with their sources, through the answer queue."""
     memory = service.memory
 
-    @app.post("/ask", summary="Answer a question, with sources ranked by attention")
+    @app.post("/ask", summary="Answer a question, with sources ranked by attention", responses=responses(*ANSWERS))
     def ask(req: AskRequest) -> dict:
         kwargs = service.ask_kwargs(req)
         return answer_json(AnswerJob(memory, service.answers, req.question, **kwargs).result(), service.links)
 
     @app.post("/ask/stream", summary="Answer a question, streamed as NDJSON events",
+              responses=responses(*ANSWERS, streamed="application/x-ndjson"),
               description='One JSON object per line: {"type": "queued", "ahead": n} while other answers are '
                           'ahead, {"type": "token", "text": ...} as the answer is generated, then '
                           '{"type": "answer", ...} (as POST /ask returns) or {"type": "error", "error": ...}. '
@@ -281,13 +284,15 @@ def add_write_routes(app: FastAPI, service: Service) -> None:
     """POST /documents and DELETE /documents/{id}: each one transaction with the index, as the CLI's."""
     memory, lock = service.memory, service.memory.lock
 
-    @app.post("/documents", status_code=201, summary="Add a document (or replace the one of that source)")
+    @app.post("/documents", status_code=201, summary="Add a document (or replace the one of that source)",
+              responses=responses(400, 507))
     def add_document(req: DocumentRequest) -> dict:
         with lock:
             document_id = memory.add_text(req.text, source=req.source, title=req.title, meta=req.meta)
             return memory.store.document_info(document_id)
 
     @app.post("/documents/file", status_code=201, summary="Add a file (txt, md, rst, html, pdf) as a document",
+              responses=responses(400),
               description=f"multipart/form-data: `file`, and optionally `source` (default: the file's name), "
                           f"`title`, `meta` (a JSON object). Read by the loader `memstore ingest` uses for "
                           f"its kind; at most {UPLOAD_MAX_BYTES >> 20} MiB.")
@@ -311,8 +316,9 @@ def add_write_routes(app: FastAPI, service: Service) -> None:
                 document_id = memory.add_file(path, source=source or name, title=title, meta=fields)
                 return memory.store.document_info(document_id)
 
-    @app.delete("/documents/{document_id}", summary="Delete a document, its chunks and their KV memory")
-    def delete_document(document_id: int) -> dict:
+    @app.delete("/documents/{document_id:int}", summary="Delete a document, its chunks and their KV memory",
+                responses=responses(404))
+    def delete_document(document_id: DocumentId) -> dict:
         with lock:
             if not memory.delete(document_id):
                 raise HTTPException(404, f"no document {document_id}")
@@ -359,7 +365,7 @@ def add_read_routes(app: FastAPI, service: Service) -> None:
     def page() -> str:
         return (STATIC / "index.html").read_text()
 
-    @app.get("/search", summary="Retrieve chunks (hybrid, dense or lexical)")
+    @app.get("/search", summary="Retrieve chunks (hybrid, dense or lexical)", responses=responses(400))
     def search(q: str = Query(min_length=1, max_length=MAX_QUESTION_CHARS), k: int = Query(5, ge=1, le=50),
                mode: Literal[SEARCH_MODES] = "hybrid",
                rerank: bool = Query(False, description="re-score the candidates with the second model")) -> dict:
@@ -387,14 +393,15 @@ def add_read_routes(app: FastAPI, service: Service) -> None:
                 "models": [{**presets.get(name, {"name": name, "available": True}), "default": name == default}
                            for name in service.allowed]}
 
-    @app.get("/documents/{document_id}", summary="A document: its metadata and text")
-    def document(document_id: int) -> dict:
+    @app.get("/documents/{document_id:int}", summary="A document: its metadata and text", responses=responses(404))
+    def document(document_id: DocumentId) -> dict:
         with lock:
             info = memory.store.document_info(document_id)
             return {**info, "text": memory.store.document_text(document_id)}
 
-    @app.get("/view/{document_id}", response_class=HTMLResponse, summary="A document as a page, a span highlighted")
-    def view(document_id: int, start: int = Query(0, ge=0), end: int = Query(0, ge=0)) -> str:
+    @app.get("/view/{document_id:int}", response_class=HTMLResponse, summary="A document as a page, a span highlighted",
+             responses=responses(*EVERY_REQUEST, 400, 404, html=True))
+    def view(document_id: DocumentId, start: int = Query(0, ge=0), end: int = Query(0, ge=0)) -> str:
         with lock:
             info = memory.store.document_info(document_id)
             text = memory.store.document_text(document_id)
@@ -441,6 +448,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException):
         response = error_response(request, str(exc.detail), exc.status_code)
         response.headers.update(exc.headers or {})
+        if exc.status_code == 405:  # Starlette lists the methods of one route of the path; say them all
+            response.headers["Allow"] = ", ".join(allowed_methods(app, request.url.path))
         return response
 
     @app.exception_handler(MemstoreError)
@@ -454,6 +463,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def internal(request: Request, exc: Exception):
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return error_response(request, f"internal error ({type(exc).__name__}); see the server log", 500)
+
+
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Every method some route of the app takes at this path."""
+    return sorted({m for route in app.routes if getattr(route, "methods", None) and route.path_regex.match(path)
+                   for m in route.methods})
 
 
 def view_url(document_id: int, start: int, end: int, links: ViewLinks | None = None) -> str:

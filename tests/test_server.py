@@ -136,8 +136,11 @@ def test_search_stats_and_documents(server):
     ({"question": "x", "k": 0}, 422, "k"),
     ({"question": "x", "k": 17}, 422, "k"),
     ({"question": "x", "mode": "psychic"}, 422, "mode"),
-    ({"question": "x", "model": "../../etc/passwd"}, 400, "unknown model"),
-    ({"question": "x", "filters": {"colour": "teal"}}, 400, "filter"),
+    ({"question": "x", "model": "../../etc/passwd"}, 404, "unknown model"),
+    ({"question": "x", "filters": {"colour": "teal"}}, 422, "filters.colour"),
+    ({"question": "x", "filters": {"document_id": "seven"}}, 422, "document_id"),
+    ({"question": "x", "filters": {"path": 7}}, 422, "path"),
+    ({"question": "x", "filters": {"document_id": 2**70}}, 422, "document_id"),
 ])
 def test_bad_requests_get_clear_json_errors(server, body, status, words):
     got, error = request(server, "/ask", body)

@@ -2,7 +2,13 @@
 import pytest
 from conftest import unit_vectors
 
-from memstore.errors import EmbedderMismatchError, IndexCorruptError, NotAStoreError, UnknownFilterError
+from memstore.errors import (
+    EmbedderMismatchError,
+    IndexCorruptError,
+    InvalidInputError,
+    NotAStoreError,
+    UnknownFilterError,
+)
 from memstore.store import ChunkIn, DocumentIn, MemoryStore
 from memstore.store.index import IndexConfig, VectorIndex
 
@@ -82,6 +88,9 @@ def test_filters_return_only_matching_chunks(store_target):
         assert store.search(q, k=5, filters={"meta.lang": "de"}) == []
         with pytest.raises(UnknownFilterError, match="unknown filter field 'colour'"):
             store.search(q, k=5, filters={"colour": "red"})
+        for wrong in ({"path": 5}, {"document_id": "seven"}, {"document_id": 2**70}, {"path": ["*.md", None]}):
+            with pytest.raises(InvalidInputError, match="takes a"):
+                store.search(q, k=5, filters=wrong)
 
 
 def test_crash_between_sql_commit_and_index_save_is_repaired_on_open(tmp_path, monkeypatch):

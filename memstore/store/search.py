@@ -169,7 +169,7 @@ class Search:
         and repeated searches with the same filters do not ask again.
         """
         key = repr(sorted(filters.items(), key=lambda kv: kv[0]))
-        predicates = [_filter_predicate(k, v) for k, v in filters.items()]
+        predicates = [_filter_predicate(k, _typed(k, v)) for k, v in filters.items()]
         with self.engine.connect() as conn:
             generation = self._generation(conn)
             cached = self._filter_cache.get(key)
@@ -191,6 +191,20 @@ class Search:
         if self._chunk_count is None or self._chunk_count[0] != generation:
             self._chunk_count = (generation, conn.execute(select(func.count(Chunk.id))).scalar_one())
         return self._chunk_count[1]
+
+
+def _typed(key: str, value):
+    """The filter's value, or InvalidInputError where it has the wrong type for its field."""
+    values = list(value) if isinstance(value, (list, tuple, set)) else [value]
+    if key in ("path", "source") and not all(isinstance(v, str) for v in values):
+        raise InvalidInputError(f"the filter {key!r} takes a glob or a list of globs, not {value!r}")
+    if key == "document_id":
+        try:
+            if not all(0 <= int(v) < 2**63 for v in values):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"the filter 'document_id' takes a document id or a list of them, not {value!r}") from None
+    return value
 
 
 def _filter_clauses(key: str, value) -> list:
