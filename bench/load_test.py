@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_name  # noqa: E402
-from served import get, start  # noqa: E402
+from served import call, get, start  # noqa: E402
 
 SEARCHES = ["AUTOINCREMENT ROWID", "maximum number of columns", "journal mode readers writer", "VACUUM INTO",
             "type affinity VARCHAR", "transaction BEGIN IMMEDIATE", "serverless database", "single file format"]
@@ -49,14 +49,14 @@ class Tally:
     def call(self, kind: str, base: str, path: str, body: dict | None = None) -> dict | None:
         started = time.perf_counter()
         try:
-            reply, status = get(base, path, body, timeout=300), 200
+            status, reply = call(base, path, body, timeout=300)
         except urllib.error.HTTPError as e:
             reply, status = None, e.code
         except OSError:
             reply, status = None, "no response"
         with self.lock:
             self.status.setdefault(kind, Counter())[status] += 1
-            if status == 200:
+            if reply is not None:
                 self.latency.setdefault(kind, []).append(time.perf_counter() - started)
         return reply
 

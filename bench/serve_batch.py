@@ -7,7 +7,8 @@ one batch). Against
 each, 1, 4 and 8 clients ask questions back to back over HTTP (`POST /ask`, memory mode) for a
 fixed time. Reported per configuration: answers per minute, client-side latency (queueing
 included) and how many answers are word for word the answer the same question gets alone.
-Writes bench/results/serve_batch.json.
+First, one decoding step's cost by batch size (`model.batching.run_batch` over caches of a
+memory-mode answer's length, in this process). Writes bench/results/serve_batch.json.
 
     python bench/serve_batch.py [--seconds 60] [--clients 1 4 8] [--concurrent 4 8]
 """
@@ -30,6 +31,35 @@ import memstore  # noqa: E402
 from memstore.demo import EXAMPLE_QUESTIONS, bundled_pages  # noqa: E402
 
 ASKED = list(EXAMPLE_QUESTIONS) + [q for q, _, _ in QUESTIONS]
+
+
+def step_costs(model_name: str, cache_len: int = 1000, sizes=(1, 2, 4, 8), repeats: int = 15) -> dict:
+    """Median ms of one decoding step for batches of answers whose caches hold `cache_len` entries."""
+    import torch
+
+    from memstore.model.backbone import load_backbone
+    from memstore.model.batching import DecodeStep, run_batch
+    from memstore.model.memory import cache_arg, last_logits, prefill
+
+    model = load_backbone(model_name).model
+    caches = [prefill(model, list(range(100, 100 + cache_len))) for _ in range(max(sizes))]
+    found = {}
+    for size in sizes:
+        times = []
+        for _ in range(repeats):
+            steps = [DecodeStep(c, 42, c.get_seq_length(), torch.zeros(c.get_seq_length()), solo=None)
+                     for c in caches[:size]]
+            started = time.perf_counter()
+            if size == 1:  # what a step alone runs
+                last_logits(model, input_ids=torch.tensor([[42]]), **cache_arg(model, caches[0]), use_cache=True)
+            else:
+                run_batch(model, steps)
+            times.append(time.perf_counter() - started)
+        found[size] = {"ms_per_step": round(1000 * statistics.median(times), 1),
+                       "ms_per_token": round(1000 * statistics.median(times) / size, 1)}
+    return {"cache_entries": cache_len, "by_batch": found,
+            "tokens_per_s_vs_one": {size: round(found[1]["ms_per_step"] * size / found[size]["ms_per_step"], 2)
+                                    for size in sizes}}
 
 
 def build_store(store: Path, model: str) -> dict:
@@ -92,11 +122,19 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--concurrent", type=int, nargs="+", default=[4, 8], help="the batched servers' --concurrent")
     parser.add_argument("--out", type=Path, default=Path("bench/results/serve_batch.json"))
+    parser.add_argument("--steps-only", action="store_true", help="measure the step costs, keep the runs on file")
     args = parser.parse_args()
+
+    if args.steps_only:
+        report = json.loads(args.out.read_text())
+        report["step_costs"] = step_costs(args.model)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        print(json.dumps(report["step_costs"]))
+        return
 
     report = {"cpu": cpu_name(), "cpu_features": cpu_features(), "model": args.model, "mode": args.mode,
               "seconds": args.seconds, "questions": len(ASKED), "store": build_store(args.store, args.model),
-              "runs": []}
+              "step_costs": step_costs(args.model), "runs": []}
     alone: dict[str, str] = {}
     for concurrent in (1, *args.concurrent):
         server, base = start(["serve", "--store", str(args.store), "--model", args.model,

@@ -18,10 +18,15 @@ def free_port() -> int:
 
 def get(base: str, path: str, body: dict | None = None, timeout: float = 600) -> dict:
     """GET `path` (POST `body` as JSON where given) and the reply's JSON."""
+    return call(base, path, body, timeout)[1]
+
+
+def call(base: str, path: str, body: dict | None = None, timeout: float = 600) -> tuple[int, dict]:
+    """(status, JSON) of GET `path` (POST `body` as JSON where given); an error status raises HTTPError."""
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(base + path, data=data, headers={"content-type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
+        return resp.status, json.loads(resp.read())
 
 
 def start(args: list[str], env: dict | None = None, ready_path: str = "/stats", limit_s: float = 600):
