@@ -6,8 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import memstore
 from conftest import SQLITE_DOC
+
+import memstore
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "load_test.py"
 
