@@ -261,7 +261,7 @@ class Decoder:
 
         def run(new_ids):
             return last_logits(self.model, input_ids=torch.tensor([new_ids]), **cache_arg(self.model, cache),
-                               use_cache=True)[0]
+                               use_cache=True, **one_query_mask(cache, len(new_ids)))[0]
 
         def step(new_ids, generated):
             n = cache.get_seq_length()
@@ -288,6 +288,17 @@ class Decoder:
         timings["tokens_per_s"] = (len(generated) - 1) / gen_time if len(generated) > 1 and gen_time > 0 else None
         text = self.tokenizer.decode(generated, skip_special_tokens=True).strip()
         return Generation(text, generated, chunks, attention, timings, refills)
+
+
+def one_query_mask(cache, n_new: int) -> dict:
+    """For one new token after a cache: an explicit all-zero mask and its position. With a mask given,
+    torch's CPU attention kernel takes a faster path for a single query than without one (a decoding
+    step of Qwen2.5-0.5B after 1,000 tokens: 44 against 62 ms; bench/results/prompt_step_mask.json)."""
+    if n_new != 1 or cache.get_seq_length() == 0:
+        return {}
+    n = cache.get_seq_length()
+    return {"attention_mask": torch.zeros(1, 1, 1, n + 1, dtype=cache.layers[0].keys.dtype),
+            "position_ids": torch.tensor([[n]])}
 
 
 def asks_for_several(question: str) -> bool:

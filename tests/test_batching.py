@@ -166,3 +166,20 @@ def test_answers_asked_at_once_are_the_answers_asked_one_by_one(tmp_path):
             t.join(timeout=120)
     assert [together[i] for i in range(4)] == alone
     assert sum(n for size, n in batcher.batch_sizes.items() if size > 1) > before  # steps did run batched
+
+
+@torch.no_grad()
+def test_a_prompt_step_with_the_explicit_zero_mask_is_the_step_without(tiny):
+    """generate.one_query_mask only changes which kernel runs, not what it computes."""
+    from memstore.model.generate import one_query_mask
+
+    with_mask, without = DynamicCache(), DynamicCache()
+    prompt = torch.tensor([[5, 9, 14, 200, 31, 7, 88]])
+    for cache in (with_mask, without):
+        tiny.model(input_ids=prompt, **cache_arg(tiny, cache), use_cache=True)
+    for token in (17, 40, 41):
+        a = last_logits(tiny, input_ids=torch.tensor([[token]]), **cache_arg(tiny, with_mask), use_cache=True,
+                        **one_query_mask(with_mask, 1))[0]
+        b = last_logits(tiny, input_ids=torch.tensor([[token]]), **cache_arg(tiny, without), use_cache=True)[0]
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert one_query_mask(with_mask, 2) == {} and one_query_mask(DynamicCache(), 1) == {}
