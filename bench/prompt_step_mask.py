@@ -1,9 +1,10 @@
 """One decoding step after a plain prompt (rag, truncate, full modes), with and without an explicit
 all-zero attention mask: torch's CPU attention kernel takes another path for one query when a mask
-is given. Interleaved round by round, per preset and cache length. Writes
-bench/results/prompt_step_mask.json.
+is given. Interleaved round by round, per preset and cache length. Adds its run to
+bench/results/prompt_step_mask.json under --label (runs with ATEN_CPU_CAPABILITY=avx2 or
+MEMSTORE_WEIGHTS=float32 set are worth a label of their own).
 
-    python bench/prompt_step_mask.py [--models qwen2.5-0.5b smollm2-135m]
+    python bench/prompt_step_mask.py [--models qwen2.5-0.5b smollm2-135m] [--label native]
 """
 from __future__ import annotations
 
@@ -41,13 +42,16 @@ def step_ms(model, entries: int, rounds: int = 15) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["qwen2.5-0.5b", "smollm2-135m"])
+    parser.add_argument("--label", default="native")
     parser.add_argument("--out", type=Path, default=Path("bench/results/prompt_step_mask.json"))
     args = parser.parse_args()
-    report = {"cpu": cpu_name(), "cpu_features": cpu_features(), "threads": torch.get_num_threads(), "step_ms": {}}
+    report = json.loads(args.out.read_text()) if args.out.exists() else {}
+    report.update(cpu=cpu_name(), cpu_features=cpu_features(), threads=torch.get_num_threads())
+    report[args.label] = {}
     for name in args.models:
         backbone = load_backbone(name)
         for entries in (500, 1000, 2000):
-            report["step_ms"][f"{name}, {entries} tokens"] = found = step_ms(backbone.model, entries)
+            report[args.label][f"{name}, {entries} tokens"] = found = step_ms(backbone.model, entries)
             print(name, entries, found, flush=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
 
