@@ -1,8 +1,9 @@
 """Answers go to the model through a bounded queue, first come first served: up to `concurrent`
 answers are generated at once (their decoding steps run as one batch: model.batching), the rest
-wait their turn. Each answer runs in a thread of its own and comes out as a stream of events, what the HTTP API's /ask/stream and the
-OpenAI-compatible stream both send in their own formats; /ask waits for the last event. A client
-that goes away stops its answer at the next token, and every answer has a time limit."""
+wait their turn. Each answer runs in a thread of its own and comes out as a stream of events,
+what the HTTP API's /ask/stream and the OpenAI-compatible stream both send in their own formats;
+/ask waits for the last event. A client that goes away stops its answer at the next token, and
+every answer has a time limit."""
 from __future__ import annotations
 
 import contextlib
@@ -37,7 +38,7 @@ class AnswerQueue:
             raise InvalidInputError(f"concurrent answers must be at least 1, not {concurrent}")
         self.waiting, self.time_limit_s, self.concurrent = waiting, time_limit_s, concurrent
         self.finished: deque = deque(maxlen=32)  # the latest answers: {"outcome", "tokens"}
-        self._line: deque = deque()  # tickets; the first one's answer has the model
+        self._line: deque = deque()  # tickets; the first `concurrent` ones' answers are being generated
         self._changed = threading.Condition()
 
     def busy(self) -> bool:
