@@ -285,7 +285,7 @@ def add_write_routes(app: FastAPI, service: Service) -> None:
     memory, lock = service.memory, service.memory.lock
 
     @app.post("/documents", status_code=201, summary="Add a document (or replace the one of that source)",
-              responses=responses(400, 507))
+              responses=responses(400))
     def add_document(req: DocumentRequest) -> dict:
         with lock:
             document_id = memory.add_text(req.text, source=req.source, title=req.title, meta=req.meta)
