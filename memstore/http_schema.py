@@ -6,7 +6,20 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Path
-from pydantic import AfterValidator, BaseModel, Field, StringConstraints, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, StringConstraints, WithJsonSchema
+
+
+def json_integer(value):
+    """What JSON calls an integer (129 or 129.0), and nothing else: not true, not "129"."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError("must be an integer")
+    return value
+
+
+# an integer field of a request body, read as its JSON Schema says (pydantic alone would take true and "5")
+JsonInt = Annotated[int, BeforeValidator(json_integer)]
 
 FILTER_KEY = r"^(path|document_id|meta\..+)$"
 MAX_ID = 2**63 - 1  # a database id is a signed 64-bit integer
@@ -18,8 +31,11 @@ def _typed_filters(filters: dict) -> dict:
     for key, value in filters.items():
         if key == "path" and not isinstance(value, str):
             raise ValueError("the filter 'path' takes a glob (a string)")
-        if key == "document_id" and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_ID):
-            raise ValueError("the filter 'document_id' takes a document id (an integer)")
+        if key == "document_id":
+            if isinstance(value, float) and value.is_integer():  # JSON's 129.0 is the integer 129
+                value = filters[key] = int(value)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_ID:
+                raise ValueError("the filter 'document_id' takes a document id (an integer)")
     return filters
 
 

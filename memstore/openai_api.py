@@ -16,19 +16,22 @@ import json
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, HTTPException
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from memstore.answer_stream import AnswerJob, AnswerQueue
-from memstore.http_schema import ANSWERS, EVERY_REQUEST, Filters, responses
+from memstore.http_schema import ANSWERS, EVERY_REQUEST, Filters, JsonInt, json_integer, responses
 from memstore.settings import ANSWER_MODES, TOP_K
 
 MAX_MESSAGE_CHARS = 2000
 
+
+# constraints before the validator: the other way round, pydantic writes them into the schema as ge/le
+TokenLimit = Annotated[int, Field(ge=1, le=256), BeforeValidator(json_integer)]
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -43,10 +46,10 @@ class ChatRequest(BaseModel):
     model: str = Field(max_length=120)
     messages: list[Message] = Field(min_length=1, max_length=200)
     stream: bool = False
-    max_tokens: int | None = Field(None, ge=1, le=256)
-    max_completion_tokens: int | None = Field(None, ge=1, le=256)
-    n: int = Field(1, ge=1, le=1, description="one answer per request")
-    k: int = Field(TOP_K, ge=1, le=16, description="memstore: chunks retrieved")
+    max_tokens: TokenLimit | None = None
+    max_completion_tokens: TokenLimit | None = None
+    n: JsonInt = Field(1, ge=1, le=1, description="one answer per request")
+    k: JsonInt = Field(TOP_K, ge=1, le=16, description="memstore: chunks retrieved")
     filters: Filters | None = None  # memstore's
 
 

@@ -31,7 +31,7 @@ from memstore import settings
 from memstore.answer_stream import AnswerJob, AnswerQueue
 from memstore.api import Memory
 from memstore.errors import MemstoreError
-from memstore.http_schema import ANSWERS, EVERY_REQUEST, DocumentId, Filters, responses
+from memstore.http_schema import ANSWERS, EVERY_REQUEST, DocumentId, Filters, JsonInt, responses
 from memstore.keys import ApiKeys, ViewLinks
 from memstore.openai_api import add_openai_routes
 from memstore.settings import ANSWER_MODES, ANSWER_TOKENS, SEARCH_MODES, TOP_K
@@ -49,7 +49,7 @@ PUBLIC_PATHS = {"/", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"
 class DocumentRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    text: str = Field(min_length=1, description="The document's text (markdown headings are kept).")
+    text: str = Field(min_length=1, pattern=r"\S", description="The document's text (markdown headings are kept).")
     source: str = Field(min_length=1, max_length=500, description="Its name; a document of that name is replaced.")
     title: str | None = Field(None, max_length=500)
     meta: dict[str, str | int | float | bool] = Field(default_factory=dict, description="Metadata to filter on.")
@@ -58,13 +58,13 @@ class DocumentRequest(BaseModel):
 class AskRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS, description="The question to answer.")
+    question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS, pattern=r"\S", description="The question to answer.")
     mode: Literal[ANSWER_MODES] = Field(
         "memory", description="memory: retrieved chunks in KV memory slots; rag: pasted as text; "
                               "truncate/full: the documents themselves in the prompt.")
-    k: int = Field(TOP_K, ge=1, le=16, description="Chunks retrieved (memory slots or pasted chunks).")
+    k: JsonInt = Field(TOP_K, ge=1, le=16, description="Chunks retrieved (memory slots or pasted chunks).")
     model: str | None = Field(None, max_length=100, description="A model preset; default: the server's model.")
-    max_new_tokens: int = Field(ANSWER_TOKENS, ge=1, le=256)
+    max_new_tokens: JsonInt = Field(ANSWER_TOKENS, ge=1, le=256)
     filters: Filters | None = None
 
 

@@ -1,4 +1,8 @@
+import contextlib
 import os
+import socket
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -62,3 +66,34 @@ def embedder():
     from memstore.ingest.embed import load_embedder
 
     return load_embedder()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A real Llama, tiny and randomly initialised, in float32: exact comparisons of cache arithmetic."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         rope_theta=10000.0)
+    return LlamaForCausalLM(config).eval()
+
+
+@contextlib.contextmanager
+def serving(app):
+    """The app served by uvicorn in a thread of this process: its host:port."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.1)
+    yield f"127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=30)

@@ -1,14 +1,11 @@
 """Answers take turns at the model through a bounded queue; reads never wait for them. A real
 server (uvicorn, in a thread) over a real store and SmolLM2, driven over real connections."""
-import contextlib
 import http.client
 import json
-import socket
-import threading
 import time
 
 import pytest
-import uvicorn
+from conftest import serving
 from fastapi.testclient import TestClient
 
 import memstore
@@ -30,27 +27,11 @@ def mem(tmp_path_factory):
     mem.close()
 
 
-@contextlib.contextmanager
-def running(app):
-    """The app served by uvicorn in a thread: its host:port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.1)
-    yield f"127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def served(mem):
     """(host:port, the server's answer queue): one answer at a time, one more may wait."""
     answers = AnswerQueue(waiting=1, concurrent=1)
-    with running(create_app(mem, default_model="smollm2-135m", answers=answers)) as address:
+    with serving(create_app(mem, default_model="smollm2-135m", answers=answers)) as address:
         yield address, answers
 
 
@@ -132,7 +113,7 @@ def test_answers_are_generated_together_up_to_the_concurrency(mem):
     answers = AnswerQueue(waiting=0, concurrent=2)
     batcher = mem._answerer("smollm2-135m").decoder.batcher
     shared_before = sum(n for size, n in batcher.batch_sizes.items() if size > 1)
-    with running(create_app(mem, default_model="smollm2-135m", answers=answers)) as address:
+    with serving(create_app(mem, default_model="smollm2-135m", answers=answers)) as address:
         long_conn, long_response = stream(address, LONG)
         long_events = events(long_response)
         assert next(e for e in long_events if e["type"] == "token")

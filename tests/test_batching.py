@@ -5,23 +5,12 @@ import threading
 import time
 
 import numpy as np
-import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache
 
 import memstore
 from memstore.model.batching import DecodeStep, StepBatcher, run_batch
 from memstore.model.memory import SlotCache, SlotLayout, cache_arg, encode_chunks, last_logits, prefill
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         rope_theta=10000.0)
-    return LlamaForCausalLM(config).eval()
-
 
 PREFIX = [1, 2, 3, 4]
 

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import unit_vectors
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from memstore.model.generate import AnswerReader, Decoder, Follows, PromptParts, Turn, asks_for_several
 from memstore.model.memory import (
@@ -22,15 +21,6 @@ from memstore.model.memory import (
 )
 from memstore.store import ChunkIn, DocumentIn, Hit, MemoryStore
 from memstore.store.kv import KVMemory
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         rope_theta=10000.0)
-    return LlamaForCausalLM(config).eval()
 
 
 def test_rotation_by_delta_equals_rotation_at_p_plus_delta(tiny):
