@@ -39,6 +39,7 @@ def step_costs(model_name: str, cache_len: int = 1000, sizes=(1, 2, 4, 8), repea
 
     from memstore.model.backbone import load_backbone
     from memstore.model.batching import DecodeStep, run_batch
+    from memstore.model.generate import one_query_mask
     from memstore.model.memory import cache_arg, last_logits, prefill
 
     model = load_backbone(model_name).model
@@ -50,8 +51,9 @@ def step_costs(model_name: str, cache_len: int = 1000, sizes=(1, 2, 4, 8), repea
             steps = [DecodeStep(c, 42, c.get_seq_length(), torch.zeros(c.get_seq_length()), solo=None)
                      for c in caches[:size]]
             started = time.perf_counter()
-            if size == 1:  # what a step alone runs
-                last_logits(model, input_ids=torch.tensor([[42]]), **cache_arg(model, caches[0]), use_cache=True)
+            if size == 1:  # what a step alone runs: with a mask (memory mode's slot biases; one_query_mask in prompts)
+                last_logits(model, input_ids=torch.tensor([[42]]), **cache_arg(model, caches[0]), use_cache=True,
+                            **one_query_mask(caches[0], 1))
             else:
                 run_batch(model, steps)
             times.append(time.perf_counter() - started)
