@@ -8,6 +8,8 @@ from typing import Annotated
 from fastapi import Path
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, StringConstraints, WithJsonSchema
 
+from memstore.store.search import MAX_ID
+
 
 def json_integer(value):
     """What JSON calls an integer (129 or 129.0), and nothing else: not true, not "129"."""
@@ -22,7 +24,6 @@ def json_integer(value):
 JsonInt = Annotated[int, BeforeValidator(json_integer)]
 
 FILTER_KEY = r"^(path|document_id|meta\..+)$"
-MAX_ID = 2**63 - 1  # a database id is a signed 64-bit integer
 # a document id in a path: a larger number is a 422, not an overflow in the database
 DocumentId = Annotated[int, Path(ge=0, le=MAX_ID)]
 
@@ -32,9 +33,11 @@ def _typed_filters(filters: dict) -> dict:
         if key == "path" and not isinstance(value, str):
             raise ValueError("the filter 'path' takes a glob (a string)")
         if key == "document_id":
-            if isinstance(value, float) and value.is_integer():  # JSON's 129.0 is the integer 129
-                value = filters[key] = int(value)
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_ID:
+            try:
+                value = filters[key] = json_integer(value)
+            except ValueError:
+                value = None
+            if value is None or not 0 <= value <= MAX_ID:
                 raise ValueError("the filter 'document_id' takes a document id (an integer)")
     return filters
 

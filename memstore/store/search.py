@@ -193,6 +193,9 @@ class Search:
         return self._chunk_count[1]
 
 
+MAX_ID = 2**63 - 1  # a database id is a signed 64-bit integer
+
+
 def _typed(key: str, value):
     """The filter's value, or InvalidInputError where it has the wrong type for its field."""
     values = list(value) if isinstance(value, (list, tuple, set)) else [value]
@@ -200,7 +203,7 @@ def _typed(key: str, value):
         raise InvalidInputError(f"the filter {key!r} takes a glob or a list of globs, not {value!r}")
     if key == "document_id":
         try:
-            if not all(0 <= int(v) < 2**63 for v in values):
+            if not all(0 <= int(v) <= MAX_ID for v in values):
                 raise ValueError
         except (TypeError, ValueError):
             raise InvalidInputError(f"the filter 'document_id' takes a document id or a list of them, not {value!r}") from None
