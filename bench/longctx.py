@@ -73,8 +73,8 @@ DEV_QAS = DEV_DOCS.with_name("newwiki_longdoc.qas.jsonl")
 TASKS = ("niah_number", "niah_uuid", "niah_word", "multikey", "multivalue", "multiquery", "vartrack", "twohop",
          "qa", "aggregation")
 RETRIEVAL_TASKS = tuple(t for t in TASKS if t != "aggregation")
-MODES = ("truncate", "rag", "memory_once", "memory", "memory_unblended", "memory_unfocused")
-LENGTHS = ("8k", "32k", "128k", "1M")
+MODES = ("truncate", "rag", "memory_once", "memory", "memory_unblended", "memory_unfocused", "memory_uncovered")
+LENGTHS = ("8k", "32k", "128k", "1M")  # and 10M, given --more-filler
 DOC_TOKENS = 500  # small filler documents: a trial re-embeds each one it hides a fact in
 EFFECTIVE = 0.85  # RULER's threshold for an effective length (Llama-2-7B's score at 4k)
 
@@ -318,6 +318,7 @@ def run_trial(mem, answerer, docs, cum, task: str, length: int, seed: int, modes
             else:
                 answerer.decoder.blend = mode != "memory_unblended"
                 answerer.decoder.focus = mode != "memory_unfocused"
+                answerer.decoder.cover = mode != "memory_uncovered"
                 ans = mem.ask(case.question, model=args.model, mode="rag" if mode == "rag" else "memory", k=args.k,
                               max_new_tokens=args.max_new_tokens, retrieve_every=0 if mode == "memory_once" else 1)
             seen = {s.chunk_id for s in ans.sources}
@@ -455,6 +456,8 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     parser.add_argument("--filler", nargs="+", type=Path, default=None,
                         help="filler files (default: the PG essays and sqlite3-doc pages of bench/niah.py)")
+    parser.add_argument("--more-filler", nargs="+", type=Path, default=[], metavar="DIR",
+                        help="folders whose .txt and .html files follow the filler (10M needs about 9M more tokens)")
     parser.add_argument("--data", type=Path, default=DATA, help="where filler stores are cached")
     parser.add_argument("--build-only", action="store_true", help="build the filler stores and stop")
     parser.add_argument("--resume", action="store_true", help="keep the trials already in --out, run the rest")
@@ -474,7 +477,8 @@ def run(args) -> dict:
     answerer = load_model(args)
     tokenizer = answerer.backbone.tokenizer
     lengths = sorted(niah.parse_length(x) for x in args.lengths)
-    files = args.filler or niah.filler_files(niah.PG_DIR, niah.SQLITE_DIR)
+    files = (args.filler or niah.filler_files(niah.PG_DIR, niah.SQLITE_DIR)) + [
+        path for folder in args.more_filler for path in sorted(folder.rglob("*")) if path.suffix in (".txt", ".html")]
     docs = niah.filler_documents(files, tokenizer, lengths[-1], DOC_TOKENS, prefix="longctx")
     cum = [0]
     for d in docs:

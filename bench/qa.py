@@ -11,6 +11,8 @@ All 48 documents go into one store (200-token chunks). For a fixed sample of que
   memory_unbiased  memory mode without the attention bias on the lesser slots (SLOT_BIAS = 0)
   memory_unblended  memory mode without the joint recompute of the slots close to the best
   memory_unfocused  memory mode whose slots not holding the answer's new term keep their bias
+  memory_uncovered  memory mode that, asked for several things, reads only the chunks close to the
+                    best by score, and not one after another as the answer draws on them
 Retrieval hit@k (the answer's char offset inside a retrieved chunk of the right document)
 shows how much of the gap to the oracle is retrieval's.
 
@@ -33,7 +35,7 @@ from memstore.model.generate import FOLLOW_SLOTS, SLOT_BIAS
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MODES = ("closed", "oracle", "truncate", "rag", "memory", "memory_static", "memory_unbiased", "memory_unblended",
-         "memory_unfocused")
+         "memory_unfocused", "memory_uncovered")
 
 
 # ---- SQuAD scoring ---------------------------------------------------------------------------
@@ -109,6 +111,7 @@ def run_model(mem, model: str, questions: list[dict], modes: list[str], k: int, 
                 answerer.decoder.slot_bias = 0.0 if mode == "memory_unbiased" else SLOT_BIAS
                 answerer.decoder.blend = mode != "memory_unblended"
                 answerer.decoder.focus = mode != "memory_unfocused"
+                answerer.decoder.cover = mode != "memory_uncovered"
                 gen = answerer.ask(qa["question"], lambda text: mem.search(text, k=k, mode=retrieval),
                                    mode=mode.split("_")[0], k=k, max_new_tokens=max_new_tokens,
                                    retrieve_every=0 if mode == "memory_static" else 1,

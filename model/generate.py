@@ -46,6 +46,10 @@ SEVERAL = re.compile(r"\b(all|both|list|each|every)\b|^\s*(what|which|who|where)
 # Where the answer names a new term that brings a follow in, the slots that do not hold it are biased
 # down (Follows._steer): bench/results/longctx.json, memory against memory_unfocused.
 FOCUS = True
+# Where the question asks for several things, a slot whose chunk the answer has drawn a new term from
+# is biased down while slots close to the best are still unread, so the answer's next item is read
+# from them (Follows._steer): bench/results/longctx.json, memory against memory_uncovered.
+COVER = True
 # Memory slots that the answer's own new terms fill (AnswerReader), besides the question's k.
 FOLLOW_SLOTS = 2
 DOCS_MARK = "\x00DOCS\x00"
@@ -94,13 +98,14 @@ class Decoder:
     """Holds a backbone and what can be reused across questions (prefix caches)."""
 
     def __init__(self, model, tokenizer, *, max_positions: int, slot_len: int = 256, slot_bias: float = SLOT_BIAS,
-                 blend: bool = BLEND, focus: bool = FOCUS):
+                 blend: bool = BLEND, focus: bool = FOCUS, cover: bool = COVER):
         self.model, self.tokenizer = model, tokenizer
         self.max_positions = max_positions
         self.slot_len = slot_len
         self.slot_bias = slot_bias
         self.blend = blend
         self.focus = focus
+        self.cover = cover
         self.eos = eos_ids(tokenizer, model)
         self._prefix_cache: dict[tuple, object] = {}
         # answers may run in several threads: one forward pass at a time, their decoding steps batched
@@ -187,6 +192,8 @@ class Decoder:
             logits, _ = slots.forward(parts.suffix)
         follows = Follows(self, slots, parts, [None] * n_follow + list(chunks), kv_for,
                           AnswerReader(question, follow or retrieve, n_follow), timings)
+        if self.cover and chunks and asks_for_several(question):
+            follows.several = True
 
         def step(ids: list[int], generated: list[int]) -> torch.Tensor:
             logits = follows.refill(generated) if n_follow and len(generated) % retrieve_every == 0 else None
@@ -211,7 +218,7 @@ class Decoder:
         slots = SlotCache(self.model, self.prefix(parts.prefix), layout)
         for i, kv in enumerate(kv_for(chunks, parts.prefix)):
             slots.fill(n_follow + i, kv)  # follow slots first: the question's best chunk stays nearest the question
-        close = [i for i, chunk in enumerate(chunks[:-1]) if close_to_best(chunk, chunks[-1])] + [len(chunks) - 1]
+        close = close_chunks(question, chunks, by_key=self.cover)
         for i in range(len(chunks) - 1):
             if i not in close:
                 slots.set_bias(n_follow + i, self.slot_bias)
@@ -316,6 +323,20 @@ def close_to_best(chunk: Hit, best: Hit) -> bool:
     return best.score > 0 and chunk.score >= CO_BEST * best.score
 
 
+def close_chunks(question: str, chunks: list[Hit], by_key: bool = True) -> list[int]:
+    """Indexes of the chunks (best last) that hold another fact asked for: close to the best one by
+    score, and (by_key) where the question asks for several things, also any chunk holding every
+    question term that the best one holds (one of four values of a key, in a chunk of unrelated
+    text, can score under CO_BEST of the best: longctx multi-value at 1M; a chunk about another key
+    of the same form lacks the asked key's words)."""
+    best = len(chunks) - 1
+    close = [i for i in range(best) if close_to_best(chunks[i], chunks[best])] + [best]
+    if by_key and best > 0 and asks_for_several(question):
+        key = set(_terms(question)) & set(_terms(chunks[best].text))
+        close = sorted(set(close) | {i for i in range(best) if key and key <= set(_terms(chunks[i].text))})
+    return close
+
+
 def best_last(ranked: list[Hit]) -> list[Hit]:
     """Slot order for ranked chunks: the best one last, nearest the question.
 
@@ -378,6 +399,8 @@ class Follows:
         self.decoder, self.slots, self.parts, self.kv_for, self.reader = decoder, slots, parts, kv_for, reader
         self.held = held  # the chunk in each slot (None: an empty follow slot)
         self.timings = timings
+        self.several = False  # several things asked: a slot whose value the answer wrote is read
+        self.read: set[int] = set()
 
     def refill(self, generated: list[int], finished: bool = False) -> torch.Tensor | None:
         """Logits after the slots changed (the local tokens re-run over them), or None when the answer
@@ -388,6 +411,10 @@ class Follows:
         self.timings["retrieval_s"] += time.perf_counter() - t
         if turn is None:
             return None
+        item_read = self.several and turn.chunk is None and len(turn.lift) == 1  # the term's only holder
+        if item_read:
+            self.read.add(turn.lift[0])
+            turn.lift = []
         slots = self.slots
         with self.decoder.lock:
             if turn.chunk is not None:
@@ -396,6 +423,12 @@ class Follows:
                 self.held[turn.slot] = turn.chunk
             if not self._steer(turn) and turn.chunk is None:
                 return None
+            if item_read:  # only the next tokens need to read elsewhere: no re-run
+                n_local = len(self.parts.suffix) + len(generated)
+                if not finished:
+                    return None
+                if slots.keep_local(n_local - 1):
+                    return slots.forward(generated[-1:])[0]
             slots.drop_local()
             return slots.forward(self.parts.suffix + generated)[0]
 
@@ -415,6 +448,8 @@ class Follows:
                 continue
             if i == turn.slot or chunk.chunk_id in turn.lift:
                 bias = 0.0
+            elif chunk.chunk_id in self.read:  # the next item is read from the others
+                bias = self.decoder.slot_bias
             elif followed and (self.decoder.focus or i < self.reader.n_slots):
                 bias = self.decoder.slot_bias
             else:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import unit_vectors
 
-from memstore.model.generate import AnswerReader, Decoder, Follows, PromptParts, Turn, asks_for_several
+from memstore.model.generate import AnswerReader, Decoder, Follows, PromptParts, Turn, asks_for_several, close_chunks
 from memstore.model.memory import (
     SlotCache,
     SlotLayout,
@@ -337,3 +337,49 @@ def test_questions_that_ask_for_several_things():
     one = ["What is the special magic number for amber-fox?", "Who wrote the first draft?",
            "Which PRAGMA turns on enforcement of foreign key constraints?", "What year was hockey first mentioned?"]
     assert all(asks_for_several(q) for q in several) and not any(asks_for_several(q) for q in one)
+
+
+def test_a_chunk_holding_the_asked_key_is_close_however_it_scores():
+    """Several values of one key: a value's chunk full of unrelated text scores low, yet holds every
+    question word the best chunk holds; a chunk about another key of the same form does not."""
+    question = "What are all the special magic numbers for fabled-marble?"
+    best = _chunk(1, "One of the special magic numbers for fabled-marble is: 296000.", 1.0)
+    diluted = _chunk(2, "Applications invoke a file-control. One of the special magic numbers for fabled-marble "
+                        "is: 888318. Temporary files go elsewhere.", 0.55)
+    other_key = _chunk(3, "One of the special magic numbers for amber-falcon is: 123456.", 0.5)
+    ranked = [other_key, diluted, best]  # best last
+    assert close_chunks(question, ranked) == [1, 2]
+    assert close_chunks(question, ranked, by_key=False) == [2]  # by score alone: the best only
+    assert close_chunks("What is the special magic number for fabled-marble?", ranked) == [2]  # one thing asked
+
+
+def test_an_answer_that_drew_on_a_slot_reads_the_unread_ones_next(tiny):
+    """Asked for several things, a slot whose value the answer has written is biased down, so the next
+    item is read from the others; no re-run (the next steps read elsewhere), but new logits where the
+    answer would end."""
+    class ByteTokenizer(FakeTokenizer):
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode()
+
+    decoder = Decoder(tiny, ByteTokenizer(), max_positions=2048, slot_len=64)
+    question = "What are all the magic numbers for fabled-marble?"
+    a = _chunk(1, "A magic number for fabled-marble is 296000.", 0.9)
+    b = _chunk(2, "A magic number for fabled-marble is 746937.", 1.0)
+    parts = PromptParts(decoder.tokenizer, question)
+
+    def kv_for(chunks, _):
+        return decoder.encode([c.text for c in chunks], parts.prefix)
+
+    slots = decoder._memory_slots(question, parts, [a, b], kv_for, 1, {})
+    follows = Follows(decoder, slots, parts, [None, a, b], kv_for, AnswerReader(question, lambda _: [], 1),
+                      {"retrieval_s": 0.0})
+    follows.several = True
+    slots.forward(parts.suffix + list(b"746937, "))
+    assert follows.refill(list(b"746937, ")) is None  # b is read: biased down, a keeps its weight
+    assert slots.slot_bias == [0.0, 0.0, decoder.slot_bias] and follows.read == {2}
+    slots.forward(list(b"296000"))  # the answer's last token run; the model would end here
+    n_cached = slots.cache.get_seq_length()
+    logits = follows.refill(list(b"746937, 296000"), finished=True)  # a read too: that token again, over new biases
+    assert logits is not None and slots.cache.get_seq_length() == n_cached
+    assert slots.slot_bias == [0.0, decoder.slot_bias, decoder.slot_bias]
+    assert follows.refill(list(b"746937, 296000, 296000 "), finished=True) is None  # nothing new: it ends
