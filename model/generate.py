@@ -46,9 +46,10 @@ SEVERAL = re.compile(r"\b(all|both|list|each|every)\b|^\s*(what|which|who|where)
 # Where the answer names a new term that brings a follow in, the slots that do not hold it are biased
 # down (Follows._steer): bench/results/longctx.json, memory against memory_unfocused.
 FOCUS = True
-# Where the question asks for several things, a slot whose chunk the answer has drawn a new term from
-# is biased down while slots close to the best are still unread, so the answer's next item is read
-# from them (Follows._steer): bench/results/longctx.json, memory against memory_uncovered.
+# Where the question asks for several things, every chunk holding the asked key's words is read as a
+# fact (close_chunks), and a slot whose value the answer has written is biased down, so the next item
+# is read from the others (Follows._steer): bench/results/longctx_cover.json, memory against
+# memory_uncovered.
 COVER = True
 # Memory slots that the answer's own new terms fill (AnswerReader), besides the question's k.
 FOLLOW_SLOTS = 2
@@ -191,9 +192,8 @@ class Decoder:
             timings["memory_load_s"] = time.perf_counter() - t
             logits, _ = slots.forward(parts.suffix)
         follows = Follows(self, slots, parts, [None] * n_follow + list(chunks), kv_for,
-                          AnswerReader(question, follow or retrieve, n_follow), timings)
-        if self.cover and chunks and asks_for_several(question):
-            follows.several = True
+                          AnswerReader(question, follow or retrieve, n_follow), timings,
+                          several=self.cover and asks_for_several(question))
 
         def step(ids: list[int], generated: list[int]) -> torch.Tensor:
             logits = follows.refill(generated) if n_follow and len(generated) % retrieve_every == 0 else None
@@ -395,12 +395,12 @@ class Follows:
     """One memory-mode answer's follow slots: where the answer turns (AnswerReader), the slots change."""
 
     def __init__(self, decoder: Decoder, slots: SlotCache, parts: PromptParts, held: list[Hit | None],
-                 kv_for: Callable, reader: AnswerReader, timings: dict):
+                 kv_for: Callable, reader: AnswerReader, timings: dict, several: bool = False):
         self.decoder, self.slots, self.parts, self.kv_for, self.reader = decoder, slots, parts, kv_for, reader
         self.held = held  # the chunk in each slot (None: an empty follow slot)
         self.timings = timings
-        self.several = False  # several things asked: a slot whose value the answer wrote is read
-        self.read: set[int] = set()
+        self.several = several  # several things asked: a slot whose value the answer has written is read
+        self.read: set[int] = set()  # the chunk ids of those slots
 
     def refill(self, generated: list[int], finished: bool = False) -> torch.Tensor | None:
         """Logits after the slots changed (the local tokens re-run over them), or None when the answer
@@ -424,10 +424,9 @@ class Follows:
             if not self._steer(turn) and turn.chunk is None:
                 return None
             if item_read:  # only the next tokens need to read elsewhere: no re-run
-                n_local = len(self.parts.suffix) + len(generated)
                 if not finished:
                     return None
-                if slots.keep_local(n_local - 1):
+                if slots.keep_local(len(self.parts.suffix) + len(generated) - 1):  # the last token again
                     return slots.forward(generated[-1:])[0]
             slots.drop_local()
             return slots.forward(self.parts.suffix + generated)[0]
@@ -440,7 +439,9 @@ class Follows:
         `focus` every other slot too, the question's best chunk included: the answer has named
         something the question's chunks did not lead to and goes on about it (a two-hop answer
         that has named the manager reads the manager's locker, not the asked person's). A term
-        that held chunks already have moves no other slot: a list of values goes on reading them all."""
+        that held chunks already have moves no other slot: a list of values goes on reading them all,
+        and where several things are asked, a slot whose value the answer has written (`read`) is
+        biased down, so the next value is read from the others."""
         slots, changed = self.slots, False
         followed = turn.chunk is not None
         for i, chunk in enumerate(self.held):

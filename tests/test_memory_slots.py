@@ -372,8 +372,7 @@ def test_an_answer_that_drew_on_a_slot_reads_the_unread_ones_next(tiny):
 
     slots = decoder._memory_slots(question, parts, [a, b], kv_for, 1, {})
     follows = Follows(decoder, slots, parts, [None, a, b], kv_for, AnswerReader(question, lambda _: [], 1),
-                      {"retrieval_s": 0.0})
-    follows.several = True
+                      {"retrieval_s": 0.0}, several=True)
     slots.forward(parts.suffix + list(b"746937, "))
     assert follows.refill(list(b"746937, ")) is None  # b is read: biased down, a keeps its weight
     assert slots.slot_bias == [0.0, 0.0, decoder.slot_bias] and follows.read == {2}
