@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import memstore
-from memstore.model.generate import FOLLOW_SLOTS, SLOT_BIAS
+from memstore.model.generate import FOLLOW_SLOTS, SEVERAL_SLOTS, SLOT_BIAS
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MODES = ("closed", "oracle", "truncate", "rag", "memory", "memory_static", "memory_unbiased", "memory_unblended",
@@ -112,7 +112,7 @@ def run_model(mem, model: str, questions: list[dict], modes: list[str], k: int, 
                 answerer.decoder.blend = mode != "memory_unblended"
                 answerer.decoder.focus = mode != "memory_unfocused"
                 answerer.decoder.cover = mode != "memory_uncovered"
-                gen = answerer.ask(qa["question"], lambda text: mem.search(text, k=k, mode=retrieval),
+                gen = answerer.ask(qa["question"], lambda text: mem.search(text, k=k + SEVERAL_SLOTS, mode=retrieval),
                                    mode=mode.split("_")[0], k=k, max_new_tokens=max_new_tokens,
                                    retrieve_every=0 if mode == "memory_static" else 1,
                                    document_text=lambda: mem.store.document_text(doc_id),

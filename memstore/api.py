@@ -24,7 +24,7 @@ from memstore.ingest.embed import (
 )
 from memstore.ingest.loaders import load, markdown_blocks, storable
 from memstore.ingest.pipeline import Ingestor, file_hash
-from memstore.model.generate import FOLLOW_SLOTS
+from memstore.model.generate import FOLLOW_SLOTS, SEVERAL_SLOTS
 from memstore.settings import (
     ANSWER_TOKENS,
     CHUNK_OVERLAP,
@@ -232,7 +232,7 @@ class Memory:
         self.require_chunks()
         answerer = self._answerer(model or default_model())
 
-        def retrieve(text: str, search_mode: str = "hybrid", n: int = k) -> list[Hit]:
+        def retrieve(text: str, search_mode: str = "hybrid", n: int = k + SEVERAL_SLOTS) -> list[Hit]:
             return self.search(text, k=n, filters=filters, mode=search_mode)
 
         return answerer.ask(question, retrieve, mode=mode, k=k, max_new_tokens=max_new_tokens,

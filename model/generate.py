@@ -53,6 +53,11 @@ FOCUS = True
 COVER = True
 # Memory slots that the answer's own new terms fill (AnswerReader), besides the question's k.
 FOLLOW_SLOTS = 2
+# Where the question asks for several things (and COVER), up to this many of the chunks ranked just
+# below the k come into slots of their own if they hold another fact asked for (close_chunks): a
+# fourth value ranked fifth in three of the multi-value misses, behind two overlapping chunks that
+# held the same value (bench/results/longctx_cover.json). Callers retrieve k + SEVERAL_SLOTS.
+SEVERAL_SLOTS = 2
 DOCS_MARK = "\x00DOCS\x00"
 SEPARATOR = "\n\n"
 PARAGRAPH_BREAK = "\n\n"
@@ -183,7 +188,10 @@ class Decoder:
         timings: dict = {}
         parts = PromptParts(self.tokenizer, question)
         t = time.perf_counter()
-        chunks = best_last(retrieve(question)[:k])
+        ranked = retrieve(question)
+        several = self.cover and asks_for_several(question)
+        extra = more_facts(question, ranked[:k], ranked[k:k + SEVERAL_SLOTS]) if several else []
+        chunks = best_last(ranked[:k] + extra)
         timings["retrieval_s"] = time.perf_counter() - t
         t = time.perf_counter()
         n_follow = follow_slots if retrieve_every else 0
@@ -192,8 +200,7 @@ class Decoder:
             timings["memory_load_s"] = time.perf_counter() - t
             logits, _ = slots.forward(parts.suffix)
         follows = Follows(self, slots, parts, [None] * n_follow + list(chunks), kv_for,
-                          AnswerReader(question, follow or retrieve, n_follow), timings,
-                          several=self.cover and asks_for_several(question))
+                          AnswerReader(question, follow or retrieve, n_follow), timings, several=several)
 
         def step(ids: list[int], generated: list[int]) -> torch.Tensor:
             logits = follows.refill(generated) if n_follow and len(generated) % retrieve_every == 0 else None
@@ -332,9 +339,27 @@ def close_chunks(question: str, chunks: list[Hit], by_key: bool = True) -> list[
     best = len(chunks) - 1
     close = [i for i in range(best) if close_to_best(chunks[i], chunks[best])] + [best]
     if by_key and best > 0 and asks_for_several(question):
-        key = set(_terms(question)) & set(_terms(chunks[best].text))
-        close = sorted(set(close) | {i for i in range(best) if key and key <= set(_terms(chunks[i].text))})
+        key = asked_key(question, chunks[best])
+        close = sorted(set(close) | {i for i in range(best) if holds_key(chunks[i], key)})
     return close
+
+
+def more_facts(question: str, ranked: list[Hit], below: list[Hit]) -> list[Hit]:
+    """Of the chunks ranked `below` the ranked ones (best first), those that hold another fact asked
+    for: close to the best by score, or holding the asked key."""
+    if not ranked:
+        return []
+    key = asked_key(question, ranked[0])
+    return [c for c in below if close_to_best(c, ranked[0]) or holds_key(c, key)]
+
+
+def asked_key(question: str, best: Hit) -> set[str]:
+    """The question's terms that its best chunk holds: what a chunk holding another fact asked for holds."""
+    return set(_terms(question)) & set(_terms(best.text))
+
+
+def holds_key(chunk: Hit, key: set[str]) -> bool:
+    return bool(key) and key <= set(_terms(chunk.text))
 
 
 def best_last(ranked: list[Hit]) -> list[Hit]:
@@ -374,7 +399,7 @@ class AnswerReader:
         if not new or not self.n_slots:
             return None
         self.seen += new
-        turn = Turn(lift=[cid for cid, text in held.items() if new[-1] in _terms(text)])
+        turn = Turn(lift=[cid for cid, text in held.items() if new[-1] in _terms(text)], term=new[-1])
         for chunk in self.follow(" ".join(self.seen)):
             if chunk.chunk_id not in held and new[-1] in _terms(chunk.text):
                 turn.slot, turn.chunk = self.follows % self.n_slots, chunk
@@ -389,6 +414,7 @@ class Turn:
     slot: int | None = None
     chunk: Hit | None = None
     lift: list[int] = field(default_factory=list)
+    term: str = field(default="", compare=False)  # the answer's new term
 
 
 class Follows:
@@ -411,9 +437,11 @@ class Follows:
         self.timings["retrieval_s"] += time.perf_counter() - t
         if turn is None:
             return None
-        item_read = self.several and turn.chunk is None and len(turn.lift) == 1  # the term's only holder
+        # the term's only mention (overlapping chunks may both hold its sentence): that item is read
+        item_read = self.several and turn.chunk is None and turn.lift and _one_mention(
+            [_sentence(c.text, turn.term) for c in self.held if c and c.chunk_id in turn.lift])
         if item_read:
-            self.read.add(turn.lift[0])
+            self.read.update(turn.lift)
             turn.lift = []
         slots = self.slots
         with self.decoder.lock:
@@ -459,6 +487,24 @@ class Follows:
                 slots.set_bias(i, bias)
                 changed = True
         return changed
+
+
+def _one_mention(sentences: list[str]) -> bool:
+    """Whether the sentences are one, some of them cut at a chunk's edge."""
+    longest = max(sentences, key=len)
+    return all(s in longest for s in sentences)
+
+
+def _sentence(text: str, term: str) -> str:
+    """The sentence of `text` (lower-cased) where `term` first occurs; all of it if the term is not there."""
+    lower = text.lower()
+    at = lower.find(term)
+    if at < 0:
+        return lower
+    dot, newline = lower.rfind(". ", 0, at), lower.rfind("\n", 0, at)
+    start = max(dot + 2 if dot >= 0 else 0, newline + 1)
+    ends = [i for i in (lower.find(". ", at), lower.find("\n", at)) if i >= 0]
+    return lower[start:min(ends, default=len(lower))].strip()
 
 
 def _named_terms(text: str) -> list[str]:

@@ -382,3 +382,36 @@ def test_an_answer_that_drew_on_a_slot_reads_the_unread_ones_next(tiny):
     assert logits is not None and slots.cache.get_seq_length() == n_cached
     assert slots.slot_bias == [0.0, decoder.slot_bias, decoder.slot_bias]
     assert follows.refill(list(b"746937, 296000, 296000 "), finished=True) is None  # nothing new: it ends
+
+
+def test_one_value_in_two_overlapping_chunks_is_read_in_both(tiny):
+    """Two overlapping chunks holding the same value's sentence are one item: both are read once the
+    answer writes it. A name in two different sentences (a two-hop bridge) lifts its holders instead."""
+    class ByteTokenizer(FakeTokenizer):
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode()
+
+    decoder = Decoder(tiny, ByteTokenizer(), max_positions=2048, slot_len=64)
+    question = "What are all the magic numbers for fabled-marble?"
+    first = _chunk(1, "Old text. A magic number for fabled-marble is 338028. More", 1.0)
+    overlap = _chunk(2, "number for fabled-marble is 338028. More text follows here.", 0.9)
+    other = _chunk(3, "Elsewhere. A magic number for fabled-marble is 954387.", 0.8)
+    parts = PromptParts(decoder.tokenizer, question)
+
+    def kv_for(chunks, _):
+        return decoder.encode([c.text for c in chunks], parts.prefix)
+
+    def follows(chunks):
+        slots = decoder._memory_slots(question, parts, chunks, kv_for, 1, {})
+        slots.forward(parts.suffix + list(b"338028, "))
+        return Follows(decoder, slots, parts, [None, *chunks], kv_for, AnswerReader(question, lambda _: [], 1),
+                       {"retrieval_s": 0.0}, several=True)
+
+    values = follows([other, overlap, first])
+    values.refill(list(b"338028, "))
+    assert values.read == {1, 2} and values.slots.slot_bias == [0.0, 0.0, decoder.slot_bias, decoder.slot_bias]
+    staff = _chunk(4, "Ingrid's manager is Tobias Brennecke.", 1.0)
+    locker = _chunk(5, "The locker combination of Tobias Brennecke is 4821.", 0.5)
+    bridge = follows([locker, staff])
+    bridge.refill(list(b"Tobias "))
+    assert bridge.read == set() and bridge.slots.slot_bias == [0.0, 0.0, 0.0]  # the locker's bias lifted
