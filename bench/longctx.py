@@ -73,7 +73,8 @@ DEV_QAS = DEV_DOCS.with_name("newwiki_longdoc.qas.jsonl")
 TASKS = ("niah_number", "niah_uuid", "niah_word", "multikey", "multivalue", "multiquery", "vartrack", "twohop",
          "qa", "aggregation")
 RETRIEVAL_TASKS = tuple(t for t in TASKS if t != "aggregation")
-MODES = ("truncate", "rag", "memory_once", "memory", "memory_unblended", "memory_unfocused", "memory_uncovered")
+MODES = ("truncate", "rag", "memory_once", "memory", "memory_unblended", "memory_unfocused", "memory_uncovered",
+         "memory_unkeyed")
 LENGTHS = ("8k", "32k", "128k", "1M")  # and 10M, given --more-filler
 DOC_TOKENS = 500  # small filler documents: a trial re-embeds each one it hides a fact in
 EFFECTIVE = 0.85  # RULER's threshold for an effective length (Llama-2-7B's score at 4k)
@@ -319,6 +320,7 @@ def run_trial(mem, answerer, docs, cum, task: str, length: int, seed: int, modes
                 answerer.decoder.blend = mode != "memory_unblended"
                 answerer.decoder.focus = mode != "memory_unfocused"
                 answerer.decoder.cover = mode != "memory_uncovered"
+                answerer.decoder.keyed = mode != "memory_unkeyed"
                 ans = mem.ask(case.question, model=args.model, mode="rag" if mode == "rag" else "memory", k=args.k,
                               max_new_tokens=args.max_new_tokens, retrieve_every=0 if mode == "memory_once" else 1)
             seen = {s.chunk_id for s in ans.sources}

@@ -51,6 +51,9 @@ FOCUS = True
 # is read from the others (Follows._steer): bench/results/longctx_cover.json, memory against
 # memory_uncovered.
 COVER = True
+# Where the question asks for one thing, a chunk scoring close to the best that lacks the question
+# words the best holds is a look-alike and keeps its bias (close_chunks).
+KEYED = True
 # Memory slots that the answer's own new terms fill (AnswerReader), besides the question's k.
 FOLLOW_SLOTS = 2
 # Where the question asks for several things (and COVER), up to this many of the chunks ranked just
@@ -104,7 +107,7 @@ class Decoder:
     """Holds a backbone and what can be reused across questions (prefix caches)."""
 
     def __init__(self, model, tokenizer, *, max_positions: int, slot_len: int = 256, slot_bias: float = SLOT_BIAS,
-                 blend: bool = BLEND, focus: bool = FOCUS, cover: bool = COVER):
+                 blend: bool = BLEND, focus: bool = FOCUS, cover: bool = COVER, keyed: bool = KEYED):
         self.model, self.tokenizer = model, tokenizer
         self.max_positions = max_positions
         self.slot_len = slot_len
@@ -112,6 +115,7 @@ class Decoder:
         self.blend = blend
         self.focus = focus
         self.cover = cover
+        self.keyed = keyed
         self.eos = eos_ids(tokenizer, model)
         self._prefix_cache: dict[tuple, object] = {}
         # answers may run in several threads: one forward pass at a time, their decoding steps batched
@@ -225,7 +229,7 @@ class Decoder:
         slots = SlotCache(self.model, self.prefix(parts.prefix), layout)
         for i, kv in enumerate(kv_for(chunks, parts.prefix)):
             slots.fill(n_follow + i, kv)  # follow slots first: the question's best chunk stays nearest the question
-        close = close_chunks(question, chunks, by_key=self.cover)
+        close = close_chunks(question, chunks, by_key=self.cover, one_fact_key=self.keyed)
         for i in range(len(chunks) - 1):
             if i not in close:
                 slots.set_bias(n_follow + i, self.slot_bias)
@@ -330,17 +334,22 @@ def close_to_best(chunk: Hit, best: Hit) -> bool:
     return best.score > 0 and chunk.score >= CO_BEST * best.score
 
 
-def close_chunks(question: str, chunks: list[Hit], by_key: bool = True) -> list[int]:
+def close_chunks(question: str, chunks: list[Hit], by_key: bool = True, one_fact_key: bool = True) -> list[int]:
     """Indexes of the chunks (best last) that hold another fact asked for: close to the best one by
     score, and (by_key) where the question asks for several things, also any chunk holding every
     question term that the best one holds (one of four values of a key, in a chunk of unrelated
     text, can score under CO_BEST of the best: longctx multi-value at 1M; a chunk about another key
-    of the same form lacks the asked key's words)."""
+    of the same form lacks the asked key's words). Where one thing is asked (one_fact_key), a chunk
+    close by score that lacks the asked key is a look-alike, not close."""
     best = len(chunks) - 1
     close = [i for i in range(best) if close_to_best(chunks[i], chunks[best])] + [best]
-    if by_key and best > 0 and asks_for_several(question):
-        key = asked_key(question, chunks[best])
+    if best == 0:
+        return close
+    key = asked_key(question, chunks[best])
+    if by_key and asks_for_several(question):
         close = sorted(set(close) | {i for i in range(best) if holds_key(chunks[i], key)})
+    elif one_fact_key and not asks_for_several(question):
+        close = [i for i in close if i == best or holds_key(chunks[i], key)]
     return close
 
 

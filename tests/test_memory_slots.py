@@ -351,6 +351,11 @@ def test_a_chunk_holding_the_asked_key_is_close_however_it_scores():
     assert close_chunks(question, ranked) == [1, 2]
     assert close_chunks(question, ranked, by_key=False) == [2]  # by score alone: the best only
     assert close_chunks("What is the special magic number for fabled-marble?", ranked) == [2]  # one thing asked
+    look_alike = _chunk(4, "One of the special magic numbers for fabled-nectar is: 508064.", 0.9)
+    one = "What is the special magic number for fabled-marble?"
+    assert close_chunks(one, [look_alike, best]) == [1]  # close by score, but another key: biased
+    assert close_chunks(one, [look_alike, best], one_fact_key=False) == [0, 1]
+    assert close_chunks(one, [_chunk(5, "A special magic number for fabled-marble is 1.", 0.9), best]) == [0, 1]
 
 
 def test_an_answer_that_drew_on_a_slot_reads_the_unread_ones_next(tiny):
