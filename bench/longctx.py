@@ -432,14 +432,14 @@ def trial_key(row: dict) -> tuple:
 # ---- main --------------------------------------------------------------------------------------
 
 def load_model(args):
-    shutil.rmtree(DATA / "scratch", ignore_errors=True)
-    mem = memstore.open(DATA / "scratch")  # only to load the model and warm it up
+    shutil.rmtree(DATA / f"scratch-{os.getpid()}", ignore_errors=True)
+    mem = memstore.open(DATA / f"scratch-{os.getpid()}")  # only to load the model and warm it up
     answerer = mem._answerer(args.model)
     mem.add_text("A short note about nothing in particular. " * 20, source="warmup")
     for mode in ("memory", "rag"):
         mem.ask("What is this about?", model=args.model, mode=mode, max_new_tokens=4)
     mem.close()
-    shutil.rmtree(DATA / "scratch", ignore_errors=True)
+    shutil.rmtree(DATA / f"scratch-{os.getpid()}", ignore_errors=True)
     return answerer
 
 
@@ -514,7 +514,7 @@ def run(args) -> dict:
                                  "embed_s_this_run": round(embed_s, 1)})
         if not todo:
             continue
-        run_dir = DATA / "run"
+        run_dir = DATA / f"run-{os.getpid()}"  # runs side by side must not share it
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.copytree(snap, run_dir, ignore=shutil.ignore_patterns("kv", "write.lock"))
         mem = memstore.open(run_dir)
@@ -537,6 +537,7 @@ def run(args) -> dict:
                 report.update(summary=summarize(rows), trials=rows, total_s=round(time.perf_counter() - started, 1))
                 write_json(args.out, report)
         mem.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
     report.update(summary=summarize(rows), trials=rows, total_s=round(time.perf_counter() - started, 1))
     report["machine"]["load_avg_end"] = niah.load_avg()
     write_json(args.out, report)

@@ -460,8 +460,8 @@ def main() -> None:
                           "torch_threads": torch.get_num_threads(), "torch": torch.__version__}}
     DATA.mkdir(parents=True, exist_ok=True)
 
-    shutil.rmtree(DATA / "scratch", ignore_errors=True)
-    mem_for_model = memstore.open(DATA / "scratch")  # only to load the model and tokenizer
+    shutil.rmtree(DATA / f"scratch-{os.getpid()}", ignore_errors=True)
+    mem_for_model = memstore.open(DATA / f"scratch-{os.getpid()}")  # only to load the model and tokenizer
     answerer = mem_for_model._answerer(args.model)
     tokenizer = answerer.backbone.tokenizer
     lengths = sorted(parse_length(x) for x in args.lengths)
@@ -494,7 +494,7 @@ def main() -> None:
                  document_text=lambda: warm_docs[0].text)
     backbone, prefix_cache = answerer.backbone, answerer.decoder._prefix_cache
     mem_for_model.close()
-    shutil.rmtree(DATA / "scratch", ignore_errors=True)
+    shutil.rmtree(DATA / f"scratch-{os.getpid()}", ignore_errors=True)
     log(started, "model loaded and warmed up")
 
     rows: list[dict] = []
@@ -517,7 +517,7 @@ def main() -> None:
         hay = docs[:n]
         snap, embed_s = filler_store(hay, previous, started)
         previous = snap
-        run_dir = DATA / "run"
+        run_dir = DATA / f"run-{os.getpid()}"  # runs side by side must not share it
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.copytree(snap, run_dir, ignore=shutil.ignore_patterns("kv", "write.lock"))
         mem = memstore.open(run_dir)
