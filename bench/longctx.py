@@ -26,7 +26,15 @@ modes: truncate (the haystack in order cut to the window; slow, so only up to --
 tokens), rag (the k retrieved chunks pasted as text), memory_once (memory slots filled once
 from the question: retrieve_every=0), memory (the API's default memory mode) and
 memory_unblended (memory mode without the joint recompute of the slots close to the best) and
-memory_unfocused (memory mode whose slots not holding the answer's new term keep their bias).
+memory_unfocused (memory mode whose slots not holding the answer's new term keep their bias),
+memory_uncovered (memory mode without the several-things rules: co-facts by the asked key, two
+more slots, a slot read once its value is written) and memory_unkeyed (memory mode that keeps
+look-alike chunks, close by score but lacking the asked key, unbiased).
+
+10M: the default filler has about 1.2M tokens; `--more-filler` adds folders of .txt/.html files
+after it (bench/results/longctx_10m.json used the Python 3.11 and Linux 6.1 documentation
+sources: `apt-get download python3.11-doc linux-doc-6.1`, `dpkg-deb -x` each, then the
+`html/_sources` folders).
 
 Stores: each length's filler store is built once and cached under bench/data/longctx/
 (git-ignored), each length a copy of the previous one plus what it lacks. A trial re-adds the

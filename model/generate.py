@@ -179,7 +179,8 @@ class Decoder:
                follow: Callable[[str], list[Hit]] | None = None, follow_slots: int = FOLLOW_SLOTS) -> Generation:
         """Generate with k memory slots filled from the question, and follow slots that the answer fills.
 
-        retrieve(text) -> ranked hits; kv_for(chunks, prefix_ids)
+        retrieve(text) -> ranked hits (k + SEVERAL_SLOTS of them, for the chunks just below k that a
+        question asking for several things may take in); kv_for(chunks, prefix_ids)
         -> their memory arrays (from the KV store, or encoded now). follow(text) -> chunks that
         hold the words of `text` (a lexical search; defaults to `retrieve`). Every
         `retrieve_every` steps (0: never) the answer's complete words are read: when it has
