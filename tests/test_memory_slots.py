@@ -135,6 +135,13 @@ def test_a_new_term_in_the_answer_fills_a_follow_slot(tiny):
     assert once.refills == 0 and [c.chunk_id for c in once.chunks] == [1] and len(queries) == gen.refills
 
 
+class ByteTokenizer(FakeTokenizer):
+    """Answer token ids are the answer's bytes."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode()
+
+
 def _chunk(i, text, score=0.0):
     return Hit(chunk_id=i, document_id=i, source=str(i), title=None, ordinal=0, char_start=0, char_end=len(text),
                heading_path="", text=text, token_count=len(text.split()), meta={}, score=score)
@@ -183,10 +190,6 @@ def test_a_term_only_held_chunks_hold_lifts_their_bias():
 def test_a_turn_biases_the_slots_that_lack_the_new_term(tiny, focus):
     """Two-hop: the answer has named the manager; the asked person's own locker (the question's best
     chunk) is biased down with focus, and keeps its weight without."""
-    class ByteTokenizer(FakeTokenizer):  # answer token ids are the answer's bytes
-        def decode(self, ids, skip_special_tokens=True):
-            return bytes(ids).decode()
-
     decoder = Decoder(tiny, ByteTokenizer(), max_positions=2048, slot_len=64, focus=focus)
     staff = _chunk(1, "Ingrid Halvorsen's manager is Tobias Brennecke.")
     own_locker = _chunk(2, "The locker combination of Ingrid Halvorsen is 1111.")
@@ -362,10 +365,6 @@ def test_an_answer_that_drew_on_a_slot_reads_the_unread_ones_next(tiny):
     """Asked for several things, a slot whose value the answer has written is biased down, so the next
     item is read from the others; no re-run (the next steps read elsewhere), but new logits where the
     answer would end."""
-    class ByteTokenizer(FakeTokenizer):
-        def decode(self, ids, skip_special_tokens=True):
-            return bytes(ids).decode()
-
     decoder = Decoder(tiny, ByteTokenizer(), max_positions=2048, slot_len=64)
     question = "What are all the magic numbers for fabled-marble?"
     a = _chunk(1, "A magic number for fabled-marble is 296000.", 0.9)
@@ -392,10 +391,6 @@ def test_an_answer_that_drew_on_a_slot_reads_the_unread_ones_next(tiny):
 def test_one_value_in_two_overlapping_chunks_is_read_in_both(tiny):
     """Two overlapping chunks holding the same value's sentence are one item: both are read once the
     answer writes it. A name in two different sentences (a two-hop bridge) lifts its holders instead."""
-    class ByteTokenizer(FakeTokenizer):
-        def decode(self, ids, skip_special_tokens=True):
-            return bytes(ids).decode()
-
     decoder = Decoder(tiny, ByteTokenizer(), max_positions=2048, slot_len=64)
     question = "What are all the magic numbers for fabled-marble?"
     first = _chunk(1, "Old text. A magic number for fabled-marble is 338028. More", 1.0)
