@@ -61,6 +61,9 @@ FOLLOW_SLOTS = 2
 # fourth value ranked fifth in three of the multi-value misses, behind two overlapping chunks that
 # held the same value (bench/results/longctx_cover.json). Callers retrieve k + SEVERAL_SLOTS.
 SEVERAL_SLOTS = 2
+# An answer's last word shorter than this is never completed from the sources (a count "3" is not
+# a cut "3.35.0"): see completion.
+MIN_CUT_WORD = 6
 DOCS_MARK = "\x00DOCS\x00"
 SEPARATOR = "\n\n"
 PARAGRAPH_BREAK = "\n\n"
@@ -148,7 +151,8 @@ class Decoder:
         """Greedy tokens until EOS, a paragraph break or the limit; step(new ids, generated) -> next logits.
 
         on_end(generated) -> logits to go on with, or None: asked when the model would stop (EOS).
-        sources() -> the texts the answer reads: it does not stop inside a number copied from them."""
+        sources() -> the texts the answer reads: an answer that stops inside a number or code copied
+        from them ends with the rest of it (`completion`)."""
         generated: list[int] = []
         text_so_far = ""
         while len(generated) < max_new_tokens:
@@ -160,12 +164,12 @@ class Decoder:
                 if again is not None:
                     logits = again
                     continue
-                if not (sources and generated and cut_short(self.tokenizer.decode(generated, skip_special_tokens=True),
-                                                            sources())):
-                    break
-                logits = logits.clone()
-                logits[..., sorted(self.eos)] = float("-inf")
-                token = int(torch.argmax(logits))
+                rest = completion(self.tokenizer.decode(generated, skip_special_tokens=True), sources()) \
+                    if sources and generated else ""
+                generated += self.tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else []
+                if rest and on_token is not None:
+                    on_token(rest)
+                break
             generated.append(token)
             text = self.tokenizer.decode(generated, skip_special_tokens=True)
             if PARAGRAPH_BREAK in text.lstrip():  # the short answer is over; small models repeat it after this
@@ -509,17 +513,19 @@ class Follows:
         return changed
 
 
-def cut_short(answer: str, sources: list[str]) -> bool:
-    """Whether the answer ends inside a number or code copied from the sources: its last word holds a
-    digit, is no whole word of theirs, but begins one (a UUID's first ten characters, after which
-    Qwen2.5-0.5B stopped in a haystack of dates: bench/results/longctx_10m.json)."""
+def completion(answer: str, sources: list[str]) -> str:
+    """The rest of the number or code the answer stopped inside, or "": where its last word (six
+    characters or more, a digit among them) is no whole word of the sources but begins exactly one.
+    Qwen2.5-0.5B wrote a UUID's first ten characters and stopped, in a haystack of dates, in memory
+    and rag alike; made to go on, it wrote a version number (bench/results/longctx_10m.json)."""
     if not answer or answer[-1].isspace():
-        return False
+        return ""
     last = answer.split()[-1].lstrip("([\"'`")
-    if not any(c.isdigit() for c in last):
-        return False
+    if len(last) < MIN_CUT_WORD or not any(c.isdigit() for c in last):
+        return ""
     words = {w.rstrip(".,;:!?)]\"'`") for text in sources for w in text.split()}
-    return last not in words and any(w.startswith(last) for w in words)
+    longer = {w for w in words if w.startswith(last)}
+    return next(iter(longer))[len(last):] if last not in words and len(longer) == 1 else ""
 
 
 def _one_mention(sentences: list[str]) -> bool:

@@ -16,7 +16,7 @@ from memstore.model.generate import (
     Turn,
     asks_for_several,
     close_chunks,
-    cut_short,
+    completion,
 )
 from memstore.model.memory import (
     SlotCache,
@@ -426,13 +426,15 @@ def test_one_value_in_two_overlapping_chunks_is_read_in_both(tiny):
     assert bridge.read == set() and bridge.slots.slot_bias == [0.0, 0.0, 0.0]  # the locker's bias lifted
 
 
-def test_an_answer_does_not_end_inside_a_number_it_copies():
+def test_an_answer_cut_inside_a_number_it_copies_ends_with_the_rest_of_it():
     sources = ["3.34.0 One of the special magic uuids for olive-spindle is: 09035fa7-23a8-4b81-8a52-2c6d62910b4e.",
-               "Released 2021-03-12 as version 3.35.0."]
-    assert cut_short("09035fa7-2", sources)  # the first ten characters of the UUID
-    assert not cut_short("09035fa7-23a8-4b81-8a52-2c6d62910b4e", sources)  # whole
-    assert not cut_short("09035fa7-23a8-4b81-8a52-2c6d62910b4e.", sources)
-    assert not cut_short("3.35.0", sources) and not cut_short("2021-03-12", sources)  # whole words there
-    assert not cut_short("version 3", ["version 3 and 3.35"])  # a whole word, though it begins another
-    assert not cut_short("olive-spin", sources)  # no digit: prose may end anywhere
-    assert not cut_short("09035fa7-2 ", sources) and not cut_short("77", sources)  # done, or nothing it begins
+               "Released 2021-03-12 as version 3.35.0 and 3.35.1."]
+    assert completion("09035fa7-2", sources) == "3a8-4b81-8a52-2c6d62910b4e"  # a UUID's first ten characters
+    assert completion("It is 09035fa7-23a8", sources) == "-4b81-8a52-2c6d62910b4e"
+    assert completion("09035fa7-23a8-4b81-8a52-2c6d62910b4e", sources) == ""  # whole
+    assert completion("09035fa7-23a8-4b81-8a52-2c6d62910b4e.", sources) == ""
+    assert completion("2021-03-12", sources) == ""  # a whole word there
+    assert completion("3.35.", sources) == ""  # under six characters: a count or a prefix, left as it is
+    assert completion("2021-03-12", ["builds 2021-03-12a and 2021-03-12b"]) == ""  # begins two words: which one?
+    assert completion("olive-spin", sources) == ""  # no digit: prose may end anywhere
+    assert completion("09035fa7-2 ", sources) == ""  # the answer ended its word
