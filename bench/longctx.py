@@ -440,14 +440,15 @@ def trial_key(row: dict) -> tuple:
 # ---- main --------------------------------------------------------------------------------------
 
 def load_model(args):
-    shutil.rmtree(DATA / f"scratch-{os.getpid()}", ignore_errors=True)
-    mem = memstore.open(DATA / f"scratch-{os.getpid()}")  # only to load the model and warm it up
+    scratch = niah.own_folder(DATA, "scratch")
+    shutil.rmtree(scratch, ignore_errors=True)
+    mem = memstore.open(scratch)  # only to load the model and warm it up
     answerer = mem._answerer(args.model)
     mem.add_text("A short note about nothing in particular. " * 20, source="warmup")
     for mode in ("memory", "rag"):
         mem.ask("What is this about?", model=args.model, mode=mode, max_new_tokens=4)
     mem.close()
-    shutil.rmtree(DATA / f"scratch-{os.getpid()}", ignore_errors=True)
+    shutil.rmtree(scratch, ignore_errors=True)
     return answerer
 
 
@@ -522,7 +523,7 @@ def run(args) -> dict:
                                  "embed_s_this_run": round(embed_s, 1)})
         if not todo:
             continue
-        run_dir = DATA / f"run-{os.getpid()}"  # runs side by side must not share it
+        run_dir = niah.own_folder(DATA, "run")
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.copytree(snap, run_dir, ignore=shutil.ignore_patterns("kv", "write.lock"))
         mem = memstore.open(run_dir)

@@ -122,6 +122,11 @@ class Doc:
     tokens: int
 
 
+def own_folder(data: Path, name: str) -> Path:
+    """A folder under `data` for this process alone: runs side by side must not share a store."""
+    return data / f"{name}-{os.getpid()}"
+
+
 def filler_files(pg_dir: Path, sqlite_dir: Path) -> list[Path]:
     pg = sorted(pg_dir.glob("*.txt"))
     html = sorted(sqlite_dir.rglob("*.html"))
@@ -460,8 +465,9 @@ def main() -> None:
                           "torch_threads": torch.get_num_threads(), "torch": torch.__version__}}
     DATA.mkdir(parents=True, exist_ok=True)
 
-    shutil.rmtree(DATA / f"scratch-{os.getpid()}", ignore_errors=True)
-    mem_for_model = memstore.open(DATA / f"scratch-{os.getpid()}")  # only to load the model and tokenizer
+    scratch = own_folder(DATA, "scratch")
+    shutil.rmtree(scratch, ignore_errors=True)
+    mem_for_model = memstore.open(scratch)  # only to load the model and tokenizer
     answerer = mem_for_model._answerer(args.model)
     tokenizer = answerer.backbone.tokenizer
     lengths = sorted(parse_length(x) for x in args.lengths)
@@ -494,7 +500,7 @@ def main() -> None:
                  document_text=lambda: warm_docs[0].text)
     backbone, prefix_cache = answerer.backbone, answerer.decoder._prefix_cache
     mem_for_model.close()
-    shutil.rmtree(DATA / f"scratch-{os.getpid()}", ignore_errors=True)
+    shutil.rmtree(scratch, ignore_errors=True)
     log(started, "model loaded and warmed up")
 
     rows: list[dict] = []
@@ -517,7 +523,7 @@ def main() -> None:
         hay = docs[:n]
         snap, embed_s = filler_store(hay, previous, started)
         previous = snap
-        run_dir = DATA / f"run-{os.getpid()}"  # runs side by side must not share it
+        run_dir = own_folder(DATA, "run")
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.copytree(snap, run_dir, ignore=shutil.ignore_patterns("kv", "write.lock"))
         mem = memstore.open(run_dir)

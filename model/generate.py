@@ -360,10 +360,10 @@ def close_chunks(question: str, chunks: list[Hit], by_key: bool = True, one_fact
     close = [i for i in range(best) if close_to_best(chunks[i], chunks[best])] + [best]
     if best == 0:
         return close
-    key = asked_key(question, chunks[best])
-    if by_key and asks_for_several(question):
+    key, several = asked_key(question, chunks[best]), asks_for_several(question)
+    if by_key and several:
         close = sorted(set(close) | {i for i in range(best) if holds_key(chunks[i], key)})
-    elif one_fact_key and not asks_for_several(question):
+    elif one_fact_key and not several:
         close = [i for i in close if i == best or holds_key(chunks[i], key)]
     return close
 
