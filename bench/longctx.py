@@ -28,8 +28,10 @@ from the question: retrieve_every=0), memory (the API's default memory mode) and
 memory_unblended (memory mode without the joint recompute of the slots close to the best) and
 memory_unfocused (memory mode whose slots not holding the answer's new term keep their bias),
 memory_uncovered (memory mode without the several-things rules: co-facts by the asked key, two
-more slots, a slot read once its value is written) and memory_unkeyed (memory mode that keeps
-look-alike chunks, close by score but lacking the asked key, unbiased).
+more slots, a slot read once its value is written), memory_unkeyed (memory mode that keeps
+look-alike chunks, close by score but lacking the asked key, unbiased) and memory_unturned (memory
+mode without the turns: slots that do not name a bridge the answer writes keep their weight, and a
+slot whose sentence the answer copied is not read).
 
 10M: the default filler has about 1.2M tokens; `--more-filler` adds folders of .txt/.html files
 after it (bench/results/longctx_10m.json used the Python 3.11 and Linux 6.1 documentation
@@ -82,7 +84,7 @@ TASKS = ("niah_number", "niah_uuid", "niah_word", "multikey", "multivalue", "mul
          "qa", "aggregation")
 RETRIEVAL_TASKS = tuple(t for t in TASKS if t != "aggregation")
 MODES = ("truncate", "rag", "memory_once", "memory", "memory_unblended", "memory_unfocused", "memory_uncovered",
-         "memory_unkeyed")
+         "memory_unkeyed", "memory_unturned")
 LENGTHS = ("8k", "32k", "128k", "1M")  # and 10M, given --more-filler
 DOC_TOKENS = 500  # small filler documents: a trial re-embeds each one it hides a fact in
 EFFECTIVE = 0.85  # RULER's threshold for an effective length (Llama-2-7B's score at 4k)
@@ -329,6 +331,7 @@ def run_trial(mem, answerer, docs, cum, task: str, length: int, seed: int, modes
                 answerer.decoder.focus = mode != "memory_unfocused"
                 answerer.decoder.cover = mode != "memory_uncovered"
                 answerer.decoder.keyed = mode != "memory_unkeyed"
+                answerer.decoder.turns = mode != "memory_unturned"
                 ans = mem.ask(case.question, model=args.model, mode="rag" if mode == "rag" else "memory", k=args.k,
                               max_new_tokens=args.max_new_tokens, retrieve_every=0 if mode == "memory_once" else 1)
             seen = {s.chunk_id for s in ans.sources}
@@ -473,7 +476,24 @@ def parse_args(argv=None):
     parser.add_argument("--build-only", action="store_true", help="build the filler stores and stop")
     parser.add_argument("--resume", action="store_true", help="keep the trials already in --out, run the rest")
     parser.add_argument("--out", type=Path, default=Path("bench/results/longctx.json"))
+    parser.add_argument("--combine", nargs="+", type=Path, default=None, metavar="REPORT",
+                        help="only join these reports (runs of one setting split by length or task) into --out")
     return parser.parse_args(argv)
+
+
+def combine(paths: list[Path], out: Path) -> dict:
+    """One report from several (a trial run twice keeps its first row): stores, trials and summary."""
+    reports = [json.loads(p.read_text()) for p in paths]
+    rows, seen = [], set()
+    for r in reports:
+        for row in r["trials"]:
+            if trial_key(row) not in seen:
+                seen.add(trial_key(row))
+                rows.append(row)
+    report = dict(reports[0], stores=[s for r in reports for s in r["stores"]], trials=rows, summary=summarize(rows),
+                  total_s=max(r.get("total_s", 0) for r in reports), combined_from=[str(p) for p in paths])
+    write_json(out, report)
+    return report
 
 
 def run(args) -> dict:
@@ -547,6 +567,8 @@ def run(args) -> dict:
                 write_json(args.out, report)
         mem.close()
         shutil.rmtree(run_dir, ignore_errors=True)
+    if args.build_only:  # no trials: the report in --out stays as it was
+        return report
     report.update(summary=summarize(rows), trials=rows, total_s=round(time.perf_counter() - started, 1))
     report["machine"]["load_avg_end"] = niah.load_avg()
     write_json(args.out, report)
@@ -555,8 +577,8 @@ def run(args) -> dict:
 
 def main() -> None:
     args = parse_args()
-    report = run(args)
-    for mode, s in report["summary"].items():
+    report = combine(args.combine, args.out) if args.combine else run(args)
+    for mode, s in report.get("summary", {}).items():
         heatmap(s, f"{mode} ({report['settings']['model']}, k={args.k})",
                 args.out.with_name(f"{args.out.stem}_{mode}.png"))
         print(mode, json.dumps({"retrieval_tasks_mean": s["retrieval_tasks_mean"],

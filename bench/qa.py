@@ -35,7 +35,7 @@ from memstore.model.generate import FOLLOW_SLOTS, SEVERAL_SLOTS, SLOT_BIAS
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MODES = ("closed", "oracle", "truncate", "rag", "memory", "memory_static", "memory_unbiased", "memory_unblended",
-         "memory_unfocused", "memory_uncovered", "memory_unkeyed")
+         "memory_unfocused", "memory_uncovered", "memory_unkeyed", "memory_unturned")
 
 
 # ---- SQuAD scoring ---------------------------------------------------------------------------
@@ -113,6 +113,7 @@ def run_model(mem, model: str, questions: list[dict], modes: list[str], k: int, 
                 answerer.decoder.focus = mode != "memory_unfocused"
                 answerer.decoder.cover = mode != "memory_uncovered"
                 answerer.decoder.keyed = mode != "memory_unkeyed"
+                answerer.decoder.turns = mode != "memory_unturned"
                 gen = answerer.ask(qa["question"], lambda text: mem.search(text, k=k + SEVERAL_SLOTS, mode=retrieval),
                                    mode=mode.split("_")[0], k=k, max_new_tokens=max_new_tokens,
                                    retrieve_every=0 if mode == "memory_static" else 1,

@@ -54,6 +54,13 @@ COVER = True
 # Where the question asks for one thing, a chunk scoring close to the best that lacks the question
 # words the best holds is a look-alike and keeps its bias (close_chunks).
 KEYED = True
+# The answer turns (Follows): where it names a new term that held slots mention in different sentences
+# (a two-hop bridge, a variable's link), the slots that do not mention it are biased down; where it
+# ends a sentence copied from slots, those slots are (the answer has read it and must not copy on into
+# the source's next sentence). bench/results/longctx_turns.json, memory against memory_unturned.
+TURNS = True
+# A sentence of the answer shorter than this (in words) is not taken for one copied from a slot.
+MIN_COPIED_WORDS = 4
 # Memory slots that the answer's own new terms fill (AnswerReader), besides the question's k.
 FOLLOW_SLOTS = 2
 # Where the question asks for several things (and COVER), up to this many of the chunks ranked just
@@ -67,6 +74,28 @@ MIN_CUT_WORD = 6
 DOCS_MARK = "\x00DOCS\x00"
 SEPARATOR = "\n\n"
 PARAGRAPH_BREAK = "\n\n"
+
+
+@dataclass
+class GoOn:
+    """Where the model would stop, logits to go on with, on trial: what follows is kept only if it
+    writes one of `needs` (terms) before it ends a sentence or the answer."""
+    logits: torch.Tensor
+    needs: set[str]
+
+
+@dataclass
+class _Trial:
+    tokens: int  # the answer's tokens and text where it would have ended
+    chars: int
+    needs: set[str]
+    unsent: list[str] = field(default_factory=list)  # what went on, not yet streamed
+
+    def wrote_what_it_needs(self, text: str) -> bool:
+        return bool(set(_terms(text[self.chars:])) & self.needs)
+
+    def ended_a_sentence(self, text: str) -> bool:
+        return re.search(r"[.!?]\s|[^\W\d][.!?]$", text[self.chars:]) is not None
 
 
 @dataclass
@@ -110,7 +139,8 @@ class Decoder:
     """Holds a backbone and what can be reused across questions (prefix caches)."""
 
     def __init__(self, model, tokenizer, *, max_positions: int, slot_len: int = 256, slot_bias: float = SLOT_BIAS,
-                 blend: bool = BLEND, focus: bool = FOCUS, cover: bool = COVER, keyed: bool = KEYED):
+                 blend: bool = BLEND, focus: bool = FOCUS, cover: bool = COVER, keyed: bool = KEYED,
+                 turns: bool = TURNS):
         self.model, self.tokenizer = model, tokenizer
         self.max_positions = max_positions
         self.slot_len = slot_len
@@ -119,6 +149,7 @@ class Decoder:
         self.focus = focus
         self.cover = cover
         self.keyed = keyed
+        self.turns = turns
         self.eos = eos_ids(tokenizer, model)
         self._prefix_cache: dict[tuple, object] = {}
         # answers may run in several threads: one forward pass at a time, their decoding steps batched
@@ -150,37 +181,51 @@ class Decoder:
                 ) -> list[int]:
         """Greedy tokens until EOS, a paragraph break or the limit; step(new ids, generated) -> next logits.
 
-        on_end(generated) -> logits to go on with, or None: asked when the model would stop (EOS).
-        sources() -> the texts the answer reads: an answer that stops inside a number or code copied
-        from them ends with the rest of it (`completion`)."""
+        on_end(generated, logits) -> logits to go on with, a GoOn (going on on trial), or None: asked
+        when the model would stop (EOS). sources() -> the texts the answer reads: an answer that stops
+        inside a number or code copied from them ends with the rest of it (`completion`)."""
         generated: list[int] = []
         text_so_far = ""
+        trial: _Trial | None = None
+        at_eos = False
         while len(generated) < max_new_tokens:
             token = int(torch.argmax(logits))
             if "ttft_s" not in timings:
                 timings["ttft_s"] = time.perf_counter() - started
             if token in self.eos:
-                again = on_end(generated) if on_end and generated else None
+                again = on_end(generated, logits) if on_end and generated and trial is None else None
+                if isinstance(again, GoOn):
+                    trial, logits = _Trial(len(generated), len(text_so_far), again.needs), again.logits
+                    continue
                 if again is not None:
                     logits = again
                     continue
-                rest = completion(self.tokenizer.decode(generated, skip_special_tokens=True), sources()) \
-                    if sources and generated else ""
-                generated += self.tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else []
-                if rest and on_token is not None:
-                    on_token(rest)
+                at_eos = True
                 break
             generated.append(token)
             text = self.tokenizer.decode(generated, skip_special_tokens=True)
             if PARAGRAPH_BREAK in text.lstrip():  # the short answer is over; small models repeat it after this
                 generated.pop()
                 break
-            if on_token is not None:
-                on_token(text[len(text_so_far):])
-                text_so_far = text
+            piece, text_so_far = text[len(text_so_far):], text
+            if trial is not None:
+                trial.unsent.append(piece)
+                if trial.wrote_what_it_needs(text):
+                    piece, trial = "".join(trial.unsent), None
+                elif trial.ended_a_sentence(text):
+                    break
+            if trial is None and on_token is not None:
+                on_token(piece)
             if len(generated) == max_new_tokens:
                 break
             logits = step([token], generated)
+        if trial is not None:  # it went on but wrote nothing it had to: it ends where it would have
+            generated, at_eos = generated[:trial.tokens], True
+        if at_eos and sources and generated:
+            rest = completion(self.tokenizer.decode(generated, skip_special_tokens=True), sources())
+            generated += self.tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else []
+            if rest and on_token is not None:
+                on_token(rest)
         return generated
 
     # ---- memory mode -----------------------------------------------------------------------
@@ -226,7 +271,7 @@ class Decoder:
         # at the end of the answer its last word is complete too: what it names may be read before it stops
         with self.batcher.member():
             generated = self._greedy(step, logits, max_new_tokens, on_token, started, timings,
-                                     on_end=(lambda gen: follows.refill(gen, finished=True)) if n_follow else None,
+                                     on_end=follows.at_end if n_follow else None,
                                      sources=lambda: [c.text for c in follows.held if c])
         timings["generate_s"] = time.perf_counter() - started
         kept = [(i, c) for i, c in enumerate(follows.held) if c is not None]
@@ -439,6 +484,7 @@ class Turn:
     chunk: Hit | None = None
     lift: list[int] = field(default_factory=list)
     term: str = field(default="", compare=False)  # the answer's new term
+    bridge: bool = field(default=False, compare=False)  # held slots name the term in different sentences
 
 
 class Follows:
@@ -450,38 +496,87 @@ class Follows:
         self.held = held  # the chunk in each slot (None: an empty follow slot)
         self.timings = timings
         self.several = several  # several things asked: a slot whose value the answer has written is read
-        self.read: set[int] = set()  # the chunk ids of those slots
+        self.read: set[int] = set()  # the chunk ids of those slots (and of slots whose sentence was copied)
+        self.sentence_end = 0  # where the last sentence the answer ended ends
+        self.brought: dict[int, str] = {}  # chunk id of each follow -> the answer's term that brought it in
+        self.went_on: set[int] = set()  # follows whose unwritten item kept the answer going (once each)
 
     def refill(self, generated: list[int], finished: bool = False) -> torch.Tensor | None:
         """Logits after the slots changed (the local tokens re-run over them), or None when the answer
         names nothing new."""
         t = time.perf_counter()
         text = self.decoder.tokenizer.decode(generated, skip_special_tokens=True)
-        turn = self.reader.read(text, {c.chunk_id: c.text for c in self.held if c}, finished)
+        turns = self.decoder.turns
+        turn = self.reader.read(text, {c.chunk_id: c.text for c in self.held if c},
+                                finished or (turns and _ends_word_and_sentence(text)))
+        copied = self._copied(text) if turns else set()
         self.timings["retrieval_s"] += time.perf_counter() - t
-        if turn is None:
+        if turn is None and not copied:
             return None
+        turn = turn or Turn()
         # the term's only mention (overlapping chunks may both hold its sentence): that item is read
-        item_read = self.several and turn.chunk is None and turn.lift and _one_mention(
-            [_sentence(c.text, turn.term) for c in self.held if c and c.chunk_id in turn.lift])
+        lift_sentences = [_sentence(c.text, turn.term) for c in self.held if c and c.chunk_id in turn.lift]
+        item_read = self.several and turn.chunk is None and turn.lift and _one_mention(lift_sentences)
         if item_read:
             self.read.update(turn.lift)
             turn.lift = []
+        turn.bridge = turns and turn.chunk is None and len(lift_sentences) > 1 and not _one_mention(lift_sentences)
+        if copied:  # a sentence the answer copied is read; its term does not lift its slots again
+            self.read |= copied
+            turn.lift = [cid for cid in turn.lift if cid not in copied]
         slots = self.slots
         with self.decoder.lock:
             if turn.chunk is not None:
                 [kv] = self.kv_for([turn.chunk], self.parts.prefix)
                 slots.fill(turn.slot, kv)
                 self.held[turn.slot] = turn.chunk
+                self.brought[turn.chunk.chunk_id] = turn.term
             if not self._steer(turn) and turn.chunk is None:
                 return None
-            if item_read:  # only the next tokens need to read elsewhere: no re-run
+            if item_read or ((turn.bridge or copied) and turn.chunk is None):
+                # only the next tokens need to read elsewhere: no re-run
                 if not finished:
                     return None
                 if slots.keep_local(len(self.parts.suffix) + len(generated) - 1):  # the last token again
                     return slots.forward(generated[-1:])[0]
             slots.drop_local()
             return slots.forward(self.parts.suffix + generated)[0]
+
+    def at_end(self, generated: list[int], logits: torch.Tensor) -> torch.Tensor | GoOn | None:
+        """Where the model would stop: logits to go on with, or None. Its last word is read first
+        (refill); where several things are asked and a follow that the answer's own words brought in,
+        still unbiased, names something in the sentence of that word that neither the answer nor the
+        question has (the chain's next variable, the manager's locker), the answer may not be over:
+        it goes on with the model's best token but the end (once per follow), on trial (GoOn): what
+        it then writes is kept only if it names one of those.
+        bench/results/longctx_turns.json, memory against memory_unturned."""
+        again = self.refill(generated, finished=True)
+        if again is not None or not (self.decoder.turns and self.several):
+            return again
+        answer = self.decoder.tokenizer.decode(generated, skip_special_tokens=True)
+        known = set(_terms(answer)) | self.reader.question_terms
+        for i, chunk in enumerate(self.held):
+            if chunk is None or chunk.chunk_id not in self.brought or chunk.chunk_id in self.went_on \
+                    or self.slots.slot_bias[i] != 0.0:
+                continue
+            unwritten = set(_named_terms(_sentence(chunk.text, self.brought[chunk.chunk_id], lower=False))) - known
+            if unwritten:
+                self.went_on.add(chunk.chunk_id)
+                logits = logits.clone()
+                logits[list(self.decoder.eos)] = float("-inf")
+                return GoOn(logits, unwritten)
+        return None
+
+    def _copied(self, answer: str) -> set[int]:
+        """The chunk ids of held slots holding the sentence the answer has just ended (once per sentence)."""
+        end = answer.rstrip()
+        if not end or end[-1] not in ".!?" or len(end) <= self.sentence_end:
+            return set()
+        self.sentence_end = len(end)
+        sentence = _last_sentence(end)
+        if len(sentence.split()) < MIN_COPIED_WORDS:
+            return set()
+        return {c.chunk_id for c in self.held if c and sentence in " ".join(c.text.lower().split())}
 
     def _steer(self, turn: Turn) -> bool:
         """Set the slots' biases for where the answer turned; whether any changed.
@@ -490,10 +585,12 @@ class Follows:
         are unbiased. Where a follow came in, the older follow slots are biased down, and with
         `focus` every other slot too, the question's best chunk included: the answer has named
         something the question's chunks did not lead to and goes on about it (a two-hop answer
-        that has named the manager reads the manager's locker, not the asked person's). A term
-        that held chunks already have moves no other slot: a list of values goes on reading them all,
-        and where several things are asked, a slot whose value the answer has written (`read`) is
-        biased down, so the next value is read from the others."""
+        that has named the manager reads the manager's locker, not the asked person's). So does a
+        term that held slots name in different sentences (`turn.bridge`: the manager, where the
+        question brought both of the manager's facts in). Any other term that held chunks already
+        have moves no other slot: a list of values goes on reading them all, and where several
+        things are asked, a slot whose value the answer has written (`read`) is biased down, so the
+        next value is read from the others; so is a slot whose sentence the answer has copied."""
         slots, changed = self.slots, False
         followed = turn.chunk is not None
         for i, chunk in enumerate(self.held):
@@ -503,7 +600,7 @@ class Follows:
                 bias = 0.0
             elif chunk.chunk_id in self.read:  # the next item is read from the others
                 bias = self.decoder.slot_bias
-            elif followed and (self.decoder.focus or i < self.reader.n_slots):
+            elif (followed or turn.bridge) and (self.decoder.focus or i < self.reader.n_slots):
                 bias = self.decoder.slot_bias
             else:
                 continue
@@ -528,22 +625,35 @@ def completion(answer: str, sources: list[str]) -> str:
     return next(iter(longer))[len(last):] if last not in words and len(longer) == 1 else ""
 
 
+def _ends_word_and_sentence(answer: str) -> bool:
+    """Whether the answer has just ended a sentence after a word (not a number: "3." may go on "3.14")."""
+    return len(answer) > 1 and answer[-1] in ".!?" and answer[-2].isalpha()
+
+
+def _last_sentence(text: str) -> str:
+    """The last sentence of text (lower-cased, spaces collapsed, without its final stop)."""
+    text = " ".join(text.lower().split()).rstrip(".!?")
+    starts = [m.end() for m in re.finditer(r"[.!?:]\s", text)]
+    return text[max(starts, default=0):].strip()
+
+
 def _one_mention(sentences: list[str]) -> bool:
     """Whether the sentences are one, some of them cut at a chunk's edge."""
     longest = max(sentences, key=len)
     return all(s in longest for s in sentences)
 
 
-def _sentence(text: str, term: str) -> str:
-    """The sentence of `text` (lower-cased) where `term` first occurs; all of it if the term is not there."""
-    lower = text.lower()
-    at = lower.find(term)
-    if at < 0:
-        return lower
-    dot, newline = lower.rfind(". ", 0, at), lower.rfind("\n", 0, at)
+def _sentence(text: str, term: str, lower: bool = True) -> str:
+    """The sentence of `text` (lower-cased unless not `lower`) where `term` (lower case) first occurs;
+    all of it if the term is not there."""
+    text, lowered = (text.lower(), text.lower()) if lower else (text, text.lower())
+    at = lowered.find(term)
+    if at < 0 or len(lowered) != len(text):
+        return text
+    dot, newline = text.rfind(". ", 0, at), text.rfind("\n", 0, at)
     start = max(dot + 2 if dot >= 0 else 0, newline + 1)
-    ends = [i for i in (lower.find(". ", at), lower.find("\n", at)) if i >= 0]
-    return lower[start:min(ends, default=len(lower))].strip()
+    ends = [i for i in (text.find(". ", at), text.find("\n", at)) if i >= 0]
+    return text[start:min(ends, default=len(text))].strip()
 
 
 def _named_terms(text: str) -> list[str]:

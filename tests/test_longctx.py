@@ -48,6 +48,14 @@ def test_the_suite_runs_at_8k_and_scores_land_in_a_sane_range(tmp_path):
     again = longctx.run(longctx.parse_args([*sys_args(args), "--resume"]))
     assert again["trials"] == rows
 
+    # the report split in two (as runs split by task would be) joins into the same trials and summary
+    parts = [tmp_path / "a.json", tmp_path / "b.json"]
+    for part, keep in zip(parts, (rows[:5], rows[5:] + rows[:2])):
+        part.write_text(json.dumps(dict(report, trials=keep)))
+    joined = longctx.combine(parts, tmp_path / "joined.json")
+    assert joined["trials"] == rows and joined["summary"] == report["summary"]
+    assert json.loads((tmp_path / "joined.json").read_text())["combined_from"] == [str(p) for p in parts]
+
 
 def sys_args(args) -> list[str]:
     return ["--lengths", *args.lengths, "--seeds", str(args.seeds), "--model", args.model, "--tasks", *args.tasks,

@@ -12,6 +12,7 @@ from memstore.model.generate import (
     AnswerReader,
     Decoder,
     Follows,
+    GoOn,
     PromptParts,
     Turn,
     asks_for_several,
@@ -438,3 +439,133 @@ def test_an_answer_cut_inside_a_number_it_copies_ends_with_the_rest_of_it():
     assert completion("2021-03-12", ["builds 2021-03-12a and 2021-03-12b"]) == ""  # begins two words: which one?
     assert completion("olive-spin", sources) == ""  # no digit: prose may end anywhere
     assert completion("09035fa7-2 ", sources) == ""  # the answer ended its word
+
+
+def _two_hop_follows(decoder, question, chunks, n_follow=1):
+    parts = PromptParts(decoder.tokenizer, question)
+
+    def kv_for(chunks, _):
+        return decoder.encode([c.text for c in chunks], parts.prefix)
+
+    slots = decoder._memory_slots(question, parts, chunks, kv_for, n_follow, {})
+    return Follows(decoder, slots, parts, [None] * n_follow + list(chunks), kv_for,
+                   AnswerReader(question, lambda _: [], n_follow), {"retrieval_s": 0.0},
+                   several=asks_for_several(question))
+
+
+@pytest.mark.parametrize("turns", [True, False])
+def test_a_bridge_both_held_slots_name_turns_the_answer_to_them(tiny, turns):
+    """Two-hop, both of the manager's facts brought in by the question: once the answer names the
+    manager, the asked person's own locker (the best chunk) is biased down (no re-run mid-answer)."""
+    decoder = Decoder(tiny, ByteTokenizer(), max_positions=2048, slot_len=64, turns=turns)
+    question = "Who is Ingrid Halvorsen's manager, and what is that manager's locker combination?"
+    staff = _chunk(1, "Ingrid Halvorsen's manager is Tobias Brennecke.", 0.8)
+    locker = _chunk(2, "The locker combination of Tobias Brennecke is 4821.", 0.7)
+    own_locker = _chunk(3, "The locker combination of Ingrid Halvorsen is 1111.", 1.0)
+    follows = _two_hop_follows(decoder, question, [locker, staff, own_locker])
+    assert follows.slots.slot_bias == [0.0, 0.0, 0.0, 0.0]  # all close to the best: read as facts
+    follows.slots.forward(follows.parts.suffix + list(b"Ingrid Halvorsen's manager is Tobias Brennecke "))
+    assert follows.refill(list(b"Ingrid Halvorsen's manager is Tobias Brennecke ")) is None
+    assert follows.slots.slot_bias == ([0.0, 0.0, 0.0, decoder.slot_bias] if turns else [0.0, 0.0, 0.0, 0.0])
+
+
+def test_a_name_in_one_held_sentence_is_no_bridge(tiny):
+    decoder = Decoder(tiny, ByteTokenizer(), max_positions=2048, slot_len=64)
+    question = "Who is Ingrid Halvorsen's manager?"
+    staff = _chunk(1, "Ingrid Halvorsen's manager is Tobias Brennecke.", 1.0)
+    other = _chunk(2, "Quellstadt is a town by the sea.", 0.9)
+    follows = _two_hop_follows(decoder, question, [other, staff])
+    before = list(follows.slots.slot_bias)
+    follows.refill(list(b"Tobias Brennecke "))
+    assert follows.slots.slot_bias == before
+
+
+@pytest.mark.parametrize("turns", [True, False])
+def test_a_sentence_the_answer_copied_is_read(tiny, turns):
+    """The answer has copied a sentence from a slot: that slot is biased down, so the answer goes on
+    from the others instead of into the source's next sentence; the bridge the sentence names does
+    not lift it again. Short sentences ("Birmingham.") and sentences in no slot move nothing."""
+    decoder = Decoder(tiny, ByteTokenizer(), max_positions=2048, slot_len=64, turns=turns)
+    question = "Who is Delphine Szabo's manager, and what is that manager's locker combination?"
+    staff = _chunk(1, "the lines don't meet.\nDelphine Szabo's manager is Matthias Ilves. Instead you draw", 0.8)
+    locker = _chunk(2, "The locker combination of Matthias Ilves is 8523.", 0.7)
+    own_locker = _chunk(3, "The locker combination of Delphine Szabo is 1517.", 1.0)
+    follows = _two_hop_follows(decoder, question, [locker, staff, own_locker])
+    answer = list(b"Delphine Szabo's manager is Matthias Ilves.")
+    follows.slots.forward(follows.parts.suffix + answer)
+    assert follows.refill(answer) is None  # biases only: the next tokens read elsewhere
+    if turns:
+        assert follows.read == {1} and follows.slots.slot_bias == [0.0, 0.0, decoder.slot_bias, decoder.slot_bias]
+        assert follows.refill(answer + list(b" ")) is None  # the same sentence: nothing more
+        assert follows.slots.slot_bias == [0.0, 0.0, decoder.slot_bias, decoder.slot_bias]
+    else:
+        assert follows.read == set() and follows.slots.slot_bias == [0.0, 0.0, 0.0, 0.0]
+    short = _two_hop_follows(decoder, "What town made the most guns?",
+                             [_chunk(4, "Birmingham. It made guns.", 0.5), _chunk(5, "Guns were made.", 1.0)])
+    short.refill(list(b"Birmingham."))  # (with turns its word is complete and lifts the slot naming it)
+    assert short.read == set() and short.slots.slot_bias == [0.0, 0.0 if turns else decoder.slot_bias, 0.0]
+    unseen = _two_hop_follows(decoder, "What town made the most guns?",
+                              [_chunk(4, "Birmingham made guns.", 0.5), _chunk(5, "Guns were made.", 1.0)])
+    unseen.refill(list(b"The town of Birmingham made them."))
+    assert unseen.read == set()
+
+
+@pytest.mark.parametrize("turns", [True, False])
+def test_a_list_answer_goes_on_while_a_follow_it_brought_in_names_more(tiny, turns):
+    """Asked for all the variables holding a value: the answer wrote the first, which brought in the
+    link naming the next one; where the model would stop, it goes on (once per follow)."""
+    decoder = Decoder(tiny, ByteTokenizer(), max_positions=2048, slot_len=64, turns=turns)
+    question = "Which variables are assigned the value 36346? List them all."
+    direct = _chunk(1, "Old text. VAR LJHTR = 36346. More text.", 1.0)
+    link = _chunk(2, "Other text. VAR NCNVP = VAR LJHTR. Unrelated.", 0.2)
+    parts = PromptParts(decoder.tokenizer, question)
+
+    def kv_for(chunks, _):
+        return decoder.encode([c.text for c in chunks], parts.prefix)
+
+    slots = decoder._memory_slots(question, parts, [direct], kv_for, 1, {})
+    follows = Follows(decoder, slots, parts, [None, direct], kv_for, AnswerReader(question, lambda _: [link], 1),
+                      {"retrieval_s": 0.0}, several=True)
+    answer = list(b"VAR LJHTR = 36346")
+    assert follows.refill(list(b"VAR LJHTR ")) is not None and follows.held[0] is link
+    slots.forward(list(b"= 36346"))
+    logits = torch.zeros(300)
+    again = follows.at_end(answer, logits)
+    if turns:
+        assert isinstance(again, GoOn) and again.needs == {"ncnvp"}
+        assert decoder.eos and all(again.logits[i] == float("-inf") for i in decoder.eos)
+        assert follows.at_end(answer, logits) is None  # once per follow
+    else:
+        assert again is None
+    done = Follows(decoder, slots, parts, [link, direct], kv_for, AnswerReader(question, lambda _: [], 1),
+                   {"retrieval_s": 0.0}, several=True)
+    done.brought[link.chunk_id] = "ljhtr"
+    again = done.at_end(list(b"VAR LJHTR = 36346, VAR NCNVP"), logits)  # its names are written: it may end
+    assert not isinstance(again, GoOn)
+
+
+@pytest.mark.parametrize("went_on, kept", [("\nVAR NCNVP = VAR LJHTR.", True), (" The end of it. And", False),
+                                           (" and more", False)])
+def test_an_answer_that_goes_on_keeps_it_only_where_it_writes_what_it_had_to(tiny, went_on, kept):
+    """Going on (GoOn) is on trial: kept where it names what it needed before ending a sentence; else
+    the answer ends where it would have, and nothing of the trial is streamed."""
+    decoder = Decoder(tiny, ByteTokenizer(), max_positions=2048, slot_len=64)
+    eos = min(decoder.eos)
+    script = iter(list(b" = 36346") + [eos] + list(went_on.encode()) + [eos, eos])
+
+    def next_logits():
+        logits = torch.zeros(300)
+        logits[next(script)] = 1.0
+        return logits
+
+    asked = []
+
+    def on_end(generated, logits):
+        asked.append(bytes(generated))
+        return GoOn(next_logits(), {"ncnvp"}) if len(asked) == 1 else None
+
+    streamed = []
+    out = decoder._greedy(lambda ids, generated: next_logits(), next_logits(), 64, streamed.append, 0.0, {},
+                          on_end=on_end)
+    answer = " = 36346" + (went_on if kept else "")
+    assert bytes(out).decode() == answer == "".join(streamed)
