@@ -380,7 +380,7 @@ def summarize(rows: list[dict]) -> dict:
         cells, effective = {}, {}
         for task in dict.fromkeys(r["task"] for r in mine):
             per_len = {}
-            for label in dict.fromkeys(r["length_label"] for r in mine if r["task"] == task):
+            for label in sorted({r["length_label"] for r in mine if r["task"] == task}, key=niah.parse_length):
                 cell = [r for r in mine if r["task"] == task and r["length_label"] == label]
                 per_len[label] = {"score": _mean(r["score"] for r in cell), "trials": len(cell),
                                   "needed_facts_in_sources": _mean(r["needed_facts_in_sources"] for r in cell),
