@@ -262,7 +262,8 @@ class Decoder:
             timings["memory_load_s"] = time.perf_counter() - t
             logits, _ = slots.forward(parts.suffix)
         follows = Follows(self, slots, parts, [None] * n_follow + list(chunks), kv_for,
-                          AnswerReader(question, follow or retrieve, n_follow), timings, several=several)
+                          AnswerReader(question, follow or retrieve, n_follow), timings, several=several,
+                          key=asked_key(question, chunks[-1]) if chunks else set())
 
         def step(ids: list[int], generated: list[int]) -> torch.Tensor:
             logits = follows.refill(generated) if n_follow and len(generated) % retrieve_every == 0 else None
@@ -491,11 +492,13 @@ class Follows:
     """One memory-mode answer's follow slots: where the answer turns (AnswerReader), the slots change."""
 
     def __init__(self, decoder: Decoder, slots: SlotCache, parts: PromptParts, held: list[Hit | None],
-                 kv_for: Callable, reader: AnswerReader, timings: dict, several: bool = False):
+                 kv_for: Callable, reader: AnswerReader, timings: dict, several: bool = False,
+                 key: set[str] | None = None):
         self.decoder, self.slots, self.parts, self.kv_for, self.reader = decoder, slots, parts, kv_for, reader
         self.held = held  # the chunk in each slot (None: an empty follow slot)
         self.timings = timings
         self.several = several  # several things asked: a slot whose value the answer has written is read
+        self.key = key or set()  # the asked key (asked_key): a slot holding it holds another fact asked for
         self.read: set[int] = set()  # the chunk ids of those slots (and of slots whose sentence was copied)
         self.sentence_end = 0  # where the last sentence the answer ended ends
         self.brought: dict[int, str] = {}  # chunk id of each follow -> the answer's term that brought it in
@@ -544,11 +547,12 @@ class Follows:
 
     def at_end(self, generated: list[int], logits: torch.Tensor) -> torch.Tensor | GoOn | None:
         """Where the model would stop: logits to go on with, or None. Its last word is read first
-        (refill); where several things are asked and a follow that the answer's own words brought in,
-        still unbiased, names something in the sentence of that word that neither the answer nor the
-        question has (the chain's next variable, the manager's locker), the answer may not be over:
-        it goes on with the model's best token but the end (once per follow), on trial (GoOn): what
-        it then writes is kept only if it names one of those.
+        (refill); where several things are asked and an unbiased slot the answer has not read owes
+        an item (`_item`: a follow that the answer's own words brought in names something neither
+        the answer nor the question has, the chain's next variable, the manager's locker; or a chunk
+        holding the asked key has a value not written yet), the answer may not be over: it goes on
+        with the model's best token but the end (once per slot), on trial (GoOn): what it then writes
+        is kept only if it names one of those.
         bench/results/longctx_turns.json, memory against memory_unturned."""
         again = self.refill(generated, finished=True)
         if again is not None or not (self.decoder.turns and self.several):
@@ -556,16 +560,25 @@ class Follows:
         answer = self.decoder.tokenizer.decode(generated, skip_special_tokens=True)
         known = set(_terms(answer)) | self.reader.question_terms
         for i, chunk in enumerate(self.held):
-            if chunk is None or chunk.chunk_id not in self.brought or chunk.chunk_id in self.went_on \
+            if chunk is None or chunk.chunk_id in self.went_on or chunk.chunk_id in self.read \
                     or self.slots.slot_bias[i] != 0.0:
                 continue
-            unwritten = set(_named_terms(_sentence(chunk.text, self.brought[chunk.chunk_id], lower=False))) - known
+            unwritten = set(_named_terms(self._item(chunk))) - known
             if unwritten:
                 self.went_on.add(chunk.chunk_id)
                 logits = logits.clone()
                 logits[list(self.decoder.eos)] = float("-inf")
                 return GoOn(logits, unwritten)
         return None
+
+    def _item(self, chunk: Hit) -> str:
+        """The sentence of a held chunk that the answer may still owe: for a follow, the one naming the
+        term that brought it in; for a chunk holding the asked key (another value of it), the key's."""
+        if chunk.chunk_id in self.brought:
+            return _sentence(chunk.text, self.brought[chunk.chunk_id], lower=False)
+        if self.decoder.cover and holds_key(chunk, self.key):
+            return next((s for s in re.split(r"(?<=[.!?])\s+|\n", chunk.text) if self.key <= set(_terms(s))), "")
+        return ""
 
     def _copied(self, answer: str) -> set[int]:
         """The chunk ids of held slots holding the sentence the answer has just ended (once per sentence)."""
