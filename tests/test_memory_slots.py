@@ -15,6 +15,7 @@ from memstore.model.generate import (
     GoOn,
     PromptParts,
     Turn,
+    asked_key,
     asks_for_several,
     close_chunks,
     completion,
@@ -441,16 +442,20 @@ def test_an_answer_cut_inside_a_number_it_copies_ends_with_the_rest_of_it():
     assert completion("09035fa7-2 ", sources) == ""  # the answer ended its word
 
 
-def _two_hop_follows(decoder, question, chunks, n_follow=1):
+def _follows(decoder, question, chunks, n_follow=1, found=()):
+    """An answer's Follows over memory slots holding `chunks` (best last); follows find `found`."""
     parts = PromptParts(decoder.tokenizer, question)
 
     def kv_for(chunks, _):
         return decoder.encode([c.text for c in chunks], parts.prefix)
 
     slots = decoder._memory_slots(question, parts, chunks, kv_for, n_follow, {})
-    return Follows(decoder, slots, parts, [None] * n_follow + list(chunks), kv_for,
-                   AnswerReader(question, lambda _: [], n_follow), {"retrieval_s": 0.0},
-                   several=asks_for_several(question))
+    follows = Follows(decoder, slots, parts, [None] * n_follow + list(chunks), kv_for,
+                      AnswerReader(question, lambda _: list(found), n_follow), {"retrieval_s": 0.0},
+                      several=asks_for_several(question))
+    if chunks:
+        follows.key = asked_key(question, chunks[-1])
+    return follows
 
 
 @pytest.mark.parametrize("turns", [True, False])
@@ -462,7 +467,7 @@ def test_a_bridge_both_held_slots_name_turns_the_answer_to_them(tiny, turns):
     staff = _chunk(1, "Ingrid Halvorsen's manager is Tobias Brennecke.", 0.8)
     locker = _chunk(2, "The locker combination of Tobias Brennecke is 4821.", 0.7)
     own_locker = _chunk(3, "The locker combination of Ingrid Halvorsen is 1111.", 1.0)
-    follows = _two_hop_follows(decoder, question, [locker, staff, own_locker])
+    follows = _follows(decoder, question, [locker, staff, own_locker])
     assert follows.slots.slot_bias == [0.0, 0.0, 0.0, 0.0]  # all close to the best: read as facts
     follows.slots.forward(follows.parts.suffix + list(b"Ingrid Halvorsen's manager is Tobias Brennecke "))
     assert follows.refill(list(b"Ingrid Halvorsen's manager is Tobias Brennecke ")) is None
@@ -474,7 +479,7 @@ def test_a_name_in_one_held_sentence_is_no_bridge(tiny):
     question = "Who is Ingrid Halvorsen's manager?"
     staff = _chunk(1, "Ingrid Halvorsen's manager is Tobias Brennecke.", 1.0)
     other = _chunk(2, "Quellstadt is a town by the sea.", 0.9)
-    follows = _two_hop_follows(decoder, question, [other, staff])
+    follows = _follows(decoder, question, [other, staff])
     before = list(follows.slots.slot_bias)
     follows.refill(list(b"Tobias Brennecke "))
     assert follows.slots.slot_bias == before
@@ -490,7 +495,7 @@ def test_a_sentence_the_answer_copied_is_read(tiny, turns):
     staff = _chunk(1, "the lines don't meet.\nDelphine Szabo's manager is Matthias Ilves. Instead you draw", 0.8)
     locker = _chunk(2, "The locker combination of Matthias Ilves is 8523.", 0.7)
     own_locker = _chunk(3, "The locker combination of Delphine Szabo is 1517.", 1.0)
-    follows = _two_hop_follows(decoder, question, [locker, staff, own_locker])
+    follows = _follows(decoder, question, [locker, staff, own_locker])
     answer = list(b"Delphine Szabo's manager is Matthias Ilves.")
     follows.slots.forward(follows.parts.suffix + answer)
     assert follows.refill(answer) is None  # biases only: the next tokens read elsewhere
@@ -500,11 +505,11 @@ def test_a_sentence_the_answer_copied_is_read(tiny, turns):
         assert follows.slots.slot_bias == [0.0, 0.0, decoder.slot_bias, decoder.slot_bias]
     else:
         assert follows.read == set() and follows.slots.slot_bias == [0.0, 0.0, 0.0, 0.0]
-    short = _two_hop_follows(decoder, "What town made the most guns?",
+    short = _follows(decoder, "What town made the most guns?",
                              [_chunk(4, "Birmingham. It made guns.", 0.5), _chunk(5, "Guns were made.", 1.0)])
     short.refill(list(b"Birmingham."))  # (with turns its word is complete and lifts the slot naming it)
     assert short.read == set() and short.slots.slot_bias == [0.0, 0.0 if turns else decoder.slot_bias, 0.0]
-    unseen = _two_hop_follows(decoder, "What town made the most guns?",
+    unseen = _follows(decoder, "What town made the most guns?",
                               [_chunk(4, "Birmingham made guns.", 0.5), _chunk(5, "Guns were made.", 1.0)])
     unseen.refill(list(b"The town of Birmingham made them."))
     assert unseen.read == set()
@@ -518,14 +523,8 @@ def test_a_list_answer_goes_on_while_a_follow_it_brought_in_names_more(tiny, tur
     question = "Which variables are assigned the value 36346? List them all."
     direct = _chunk(1, "Old text. VAR LJHTR = 36346. More text.", 1.0)
     link = _chunk(2, "Other text. VAR NCNVP = VAR LJHTR. Unrelated.", 0.2)
-    parts = PromptParts(decoder.tokenizer, question)
-
-    def kv_for(chunks, _):
-        return decoder.encode([c.text for c in chunks], parts.prefix)
-
-    slots = decoder._memory_slots(question, parts, [direct], kv_for, 1, {})
-    follows = Follows(decoder, slots, parts, [None, direct], kv_for, AnswerReader(question, lambda _: [link], 1),
-                      {"retrieval_s": 0.0}, several=True)
+    follows = _follows(decoder, question, [direct], found=[link])
+    slots = follows.slots
     answer = list(b"VAR LJHTR = 36346")
     assert follows.refill(list(b"VAR LJHTR ")) is not None and follows.held[0] is link
     slots.forward(list(b"= 36346"))
@@ -537,8 +536,7 @@ def test_a_list_answer_goes_on_while_a_follow_it_brought_in_names_more(tiny, tur
         assert follows.at_end(answer, logits) is None  # once per follow
     else:
         assert again is None
-    done = Follows(decoder, slots, parts, [link, direct], kv_for, AnswerReader(question, lambda _: [], 1),
-                   {"retrieval_s": 0.0}, several=True)
+    done = _follows(decoder, question, [link, direct], n_follow=0)
     done.brought[link.chunk_id] = "ljhtr"
     again = done.at_end(list(b"VAR LJHTR = 36346, VAR NCNVP"), logits)  # its names are written: it may end
     assert not isinstance(again, GoOn)
@@ -569,3 +567,20 @@ def test_an_answer_that_goes_on_keeps_it_only_where_it_writes_what_it_had_to(tin
                           on_end=on_end)
     answer = " = 36346" + (went_on if kept else "")
     assert bytes(out).decode() == answer == "".join(streamed)
+
+
+def test_a_list_answer_goes_on_while_a_slot_holding_the_asked_key_has_a_value_unwritten(tiny):
+    decoder = Decoder(tiny, ByteTokenizer(), max_positions=2048, slot_len=64)
+    question = "What are all the magic numbers for fabled-marble?"
+    a = _chunk(1, "Prose. A magic number for fabled-marble is 746937. More prose.", 0.9)
+    b = _chunk(2, "A magic number for fabled-marble is 296000.", 1.0)
+    follows = _follows(decoder, question, [a, b])
+    follows.slots.forward(follows.parts.suffix + list(b"296000"))
+    first = follows.at_end(list(b"296000"), torch.zeros(300))  # its value is read: the last token again
+    assert isinstance(first, torch.Tensor) and follows.read == {2}
+    again = follows.at_end(list(b"296000"), first)  # the model would still end: a's value is owed
+    assert isinstance(again, GoOn) and again.needs == {"746937"}
+    both = _follows(decoder, question, [a, b])
+    assert not any(isinstance(both.at_end(list(b"296000, 746937"), torch.zeros(300)), GoOn) for _ in range(2))
+    one_thing = _follows(decoder, "What is the magic number for fabled-marble?", [a, b])
+    assert not any(isinstance(one_thing.at_end(list(b"296000"), torch.zeros(300)), GoOn) for _ in range(2))
