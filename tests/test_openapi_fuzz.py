@@ -28,6 +28,7 @@ def api_schema(tmp_path_factory):
         mem.add_text("# Freedonia\n\nThe capital of Freedonia is Zorbaville, on the river Quell.", source="freedonia.md")
         mem.add_text("# Orrin bridge\n\nThe Orrin bridge was built in 1871 by Tomas Yell.", source="orrin.md")
         mem.load_model("smollm2-135m")
+        mem.search("Freedonia", rerank=True)  # loads the re-ranker here, not inside a request's 10 s timeout
         app = create_app(mem, default_model="smollm2-135m", models=["smollm2-135m"],
                          answers=AnswerQueue(waiting=8, concurrent=2))
         with serving(app) as address:
