@@ -502,7 +502,7 @@ class Follows:
         self.read: set[int] = set()  # the chunk ids of those slots (and of slots whose sentence was copied)
         self.sentence_end = 0  # where the last sentence the answer ended ends
         self.brought: dict[int, str] = {}  # chunk id of each follow -> the answer's term that brought it in
-        self.went_on: set[int] = set()  # follows whose unwritten item kept the answer going (once each)
+        self.went_on: set[int] = set()  # slots whose owed item kept the answer going (once each)
 
     def refill(self, generated: list[int], finished: bool = False) -> torch.Tensor | None:
         """Logits after the slots changed (the local tokens re-run over them), or None when the answer
