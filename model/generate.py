@@ -659,7 +659,8 @@ def _one_mention(sentences: list[str]) -> bool:
 def _sentence(text: str, term: str, lower: bool = True) -> str:
     """The sentence of `text` (lower-cased unless not `lower`) where `term` (lower case) first occurs;
     all of it if the term is not there."""
-    text, lowered = (text.lower(), text.lower()) if lower else (text, text.lower())
+    lowered = text.lower()
+    text = lowered if lower else text
     at = lowered.find(term)
     if at < 0 or len(lowered) != len(text):
         return text

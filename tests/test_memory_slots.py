@@ -450,12 +450,9 @@ def _follows(decoder, question, chunks, n_follow=1, found=()):
         return decoder.encode([c.text for c in chunks], parts.prefix)
 
     slots = decoder._memory_slots(question, parts, chunks, kv_for, n_follow, {})
-    follows = Follows(decoder, slots, parts, [None] * n_follow + list(chunks), kv_for,
-                      AnswerReader(question, lambda _: list(found), n_follow), {"retrieval_s": 0.0},
-                      several=asks_for_several(question))
-    if chunks:
-        follows.key = asked_key(question, chunks[-1])
-    return follows
+    return Follows(decoder, slots, parts, [None] * n_follow + list(chunks), kv_for,
+                   AnswerReader(question, lambda _: list(found), n_follow), {"retrieval_s": 0.0},
+                   several=asks_for_several(question), key=asked_key(question, chunks[-1]))
 
 
 @pytest.mark.parametrize("turns", [True, False])
@@ -506,11 +503,11 @@ def test_a_sentence_the_answer_copied_is_read(tiny, turns):
     else:
         assert follows.read == set() and follows.slots.slot_bias == [0.0, 0.0, 0.0, 0.0]
     short = _follows(decoder, "What town made the most guns?",
-                             [_chunk(4, "Birmingham. It made guns.", 0.5), _chunk(5, "Guns were made.", 1.0)])
+                     [_chunk(4, "Birmingham. It made guns.", 0.5), _chunk(5, "Guns were made.", 1.0)])
     short.refill(list(b"Birmingham."))  # (with turns its word is complete and lifts the slot naming it)
     assert short.read == set() and short.slots.slot_bias == [0.0, 0.0 if turns else decoder.slot_bias, 0.0]
     unseen = _follows(decoder, "What town made the most guns?",
-                              [_chunk(4, "Birmingham made guns.", 0.5), _chunk(5, "Guns were made.", 1.0)])
+                      [_chunk(4, "Birmingham made guns.", 0.5), _chunk(5, "Guns were made.", 1.0)])
     unseen.refill(list(b"The town of Birmingham made them."))
     assert unseen.read == set()
 
